@@ -1,0 +1,6 @@
+"""Inference engines: one interface, an HF engine (CPU or GPU) now, vLLM later."""
+
+from evaluators.engines.base import Engine, GenerationRequest
+from evaluators.engines.hf import HFEngine
+
+__all__ = ["Engine", "GenerationRequest", "HFEngine"]

@@ -1,0 +1,30 @@
+"""The engine interface every probe talks to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from merging.recipe import MergeRecipe
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt to complete greedily. `chat` wraps it in the model's chat template."""
+
+    prompt: str
+    max_new_tokens: int = 128
+    system: str | None = None
+    chat: bool = True
+
+
+class Engine(Protocol):
+    tokenizer: Any
+
+    def load_recipe(self, recipe: MergeRecipe) -> str:
+        """Make the engine's model the recipe's merge, in place; return the weights' hash."""
+        ...
+
+    def generate(self, requests: list[GenerationRequest]) -> list[str]: ...
+
+    def close(self) -> None: ...

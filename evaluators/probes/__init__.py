@@ -1,0 +1,27 @@
+"""Probes by kind. A probe kind is a config model (its spec fields) and a probe class."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field
+
+from evaluators.probes.base import Probe, ProbeConfig, ProbeItem
+from evaluators.probes.generation import GenerationProbe, GenerationProbeConfig
+from evaluators.probes.instruction import InstructionProbe, InstructionProbeConfig
+
+PROBE_KINDS: dict[str, tuple[type[ProbeConfig], type[Probe]]] = {
+    "generation": (GenerationProbeConfig, GenerationProbe),
+    "instruction": (InstructionProbeConfig, InstructionProbe),
+}
+
+AnyProbeConfig = Annotated[
+    GenerationProbeConfig | InstructionProbeConfig, Field(discriminator="kind")
+]
+
+
+def build_probe(config: ProbeConfig, where: str) -> Probe:
+    return PROBE_KINDS[config.kind][1](config, where)  # type: ignore[attr-defined]
+
+
+__all__ = ["PROBE_KINDS", "AnyProbeConfig", "Probe", "ProbeConfig", "ProbeItem", "build_probe"]

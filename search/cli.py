@@ -1,0 +1,210 @@
+"""The `mergesearch` command line. Only this module prints; everything else logs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mergesearch.errors import MergesearchError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Search per-layer merge ratios between fine-tunes of one base model.",
+)
+log = logging.getLogger("mergesearch")
+
+StorageOpt = Annotated[str, typer.Option("--storage", help="study database URL, e.g. "
+                                         "sqlite:///runs/demo/study.db or postgresql://host/db")]
+StudyOpt = Annotated[str | None, typer.Option("--study", help="study name (may be left out "
+                                              "when the storage holds one study)")]
+
+
+def parse_duration(text: str | None) -> float | None:
+    """Seconds in `90`, `90s`, `30m`, `8h` or `1h30m`."""
+    if text is None:
+        return None
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return float(text)
+    parts = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?", text.strip())
+    if not parts or not any(parts.groups()):
+        raise MergesearchError(f"--timeout {text!r}: write a duration like 90s, 30m, 8h or 1h30m")
+    h, m, s = (int(g or 0) for g in parts.groups())
+    return float(h * 3600 + m * 60 + s)
+
+
+def _quiet_libraries() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+@app.command()
+def launch(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="study spec (YAML)")],
+    storage: Annotated[str | None, typer.Option(help="overrides the spec's storage")] = None,
+    study: Annotated[str | None, typer.Option(help="overrides the spec's name")] = None,
+    n_trials: Annotated[int | None, typer.Option(help="total finished trials wanted")] = None,
+    timeout: Annotated[str | None, typer.Option(help="stop after this long, e.g. 8h")] = None,
+    test: Annotated[bool, typer.Option(help="score baselines and best trials on test")] = True,
+) -> None:
+    """Create the study (or resume it) and run trials until the budget is spent."""
+    from search.run import launch_study
+
+    summary = launch_study(spec_path, storage, study, n_trials, parse_duration(timeout), test)
+    typer.echo(summary)
+
+
+@app.command()
+def worker(
+    storage: StorageOpt,
+    study: StudyOpt = None,
+    n_trials: Annotated[int | None, typer.Option(help="total finished trials wanted")] = None,
+    timeout: Annotated[str | None, typer.Option(help="stop after this long, e.g. 8h")] = None,
+) -> None:
+    """Join a running study: its spec is read from the storage."""
+    from search.run import join_study
+
+    typer.echo(join_study(storage, study, n_trials, parse_duration(timeout)))
+
+
+@app.command()
+def status(storage: StorageOpt, study: StudyOpt = None) -> None:
+    """Print the study's trials as a table."""
+    from search.run import status_table
+
+    typer.echo(status_table(storage, study))
+
+
+@app.command()
+def report(
+    storage: StorageOpt,
+    study: StudyOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False,
+) -> None:
+    """Summarise the study: trial counts, baselines, best trial or Pareto set."""
+    from search.report import build_report
+    from search.run import format_report
+    from search.study import load_study
+
+    result = build_report(load_study(storage, study))
+    typer.echo(json.dumps(result, indent=2) if as_json else format_report(result))
+
+
+@app.command()
+def evaluate(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="spec whose probes to run")],
+    model: Annotated[Path, typer.Option(help="Hugging Face model folder to score")],
+    split: Annotated[str, typer.Option(help="dev or test")] = "dev",
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    items: Annotated[Path | None, typer.Option(help="write per-item outputs (JSONL)")] = None,
+) -> None:
+    """Score one model on the spec's probes, without a study."""
+    from search.run import evaluate_model
+
+    if split not in ("dev", "test"):
+        raise MergesearchError(f"--split {split!r}: choose dev or test")
+    result = evaluate_model(spec_path, model, split)
+    if items is not None:
+        _write_jsonl(items, [item.to_dict() for item in result.items])
+    summary = {"model": str(model), "split": split, "objectives": result.objectives,
+               "probes": result.probes}
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2))
+    else:
+        for name, value in result.objectives.items():
+            typer.echo(f"{name:>20}  {value:.4f}")
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+
+
+@app.command()
+def export(
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR")],
+    storage: StorageOpt,
+    study: StudyOpt = None,
+    trial: Annotated[str, typer.Option(help="trial number, or best")] = "best",
+    force: Annotated[bool, typer.Option(help="replace OUT_DIR if it exists")] = False,
+) -> None:
+    """Write a trial's merged model as a Hugging Face folder."""
+    from search.export import export_trial
+    from search.study import load_study
+
+    if trial != "best" and not trial.isdigit():
+        raise MergesearchError(f"--trial {trial!r}: give a trial number or best")
+    record = export_trial(load_study(storage, study), trial, out_dir, force)
+    typer.echo(f"exported trial {record['trial']} to {out_dir} "
+               f"(weights sha256 {record['weights_sha256'][:16]}…)")
+
+
+@app.command()
+def dashboard(
+    storage: StorageOpt,
+    port: Annotated[int, typer.Option(help="port to serve on")] = 8080,
+    host: Annotated[str, typer.Option(help="address to bind; 127.0.0.1 keeps it local")] = (
+        "127.0.0.1"
+    ),
+) -> None:
+    """Serve optuna-dashboard for the storage (local only unless --host says otherwise)."""
+    from optuna_dashboard import run_server
+
+    from storage import open_storage
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"warning: serving on {host}: anyone who can reach it sees the study", err=True)
+    typer.echo(f"dashboard on http://{host}:{port}/ (Ctrl-C stops it)")
+    run_server(open_storage(storage, create=False), host=host, port=port)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="folder for the study, spec and export")] = Path(
+        "runs/demo"
+    ),
+    n_trials: Annotated[int, typer.Option(help="trials to run")] = 30,
+) -> None:
+    """Run the built-in demo study end to end on the CPU (tiny models, offline)."""
+    from search.demo.run import run_demo
+
+    run_demo(out, n_trials, echo=typer.echo)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
+    try:
+        app(standalone_mode=False)
+    except MergesearchError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: finished trials are saved; run the same command to resume",
+                   err=True)
+        sys.exit(130)
+    except typer.Abort:
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # click's usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise

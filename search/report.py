@@ -1,0 +1,112 @@
+"""What a study found: trial counts, baselines, the best trial or the Pareto set.
+
+Selection uses dev values only; test values are shown beside them for the user to judge.
+For several objectives, `best` is the Pareto set and `selected` is its member with the best
+mean of the (direction-signed) dev objectives: the merge `export best` writes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from mergesearch.errors import StorageError
+from search.study import BASELINE_ATTR, stored_spec, test_values
+
+
+def _dev(trial: FrozenTrial, names: list[str]) -> dict[str, float]:
+    return dict(zip(names, trial.values, strict=True))
+
+
+def _signed_mean(trial: FrozenTrial, directions: list[str]) -> float:
+    signs = [1.0 if d == "maximize" else -1.0 for d in directions]
+    return sum(s * v for s, v in zip(signs, trial.values, strict=True)) / len(signs)
+
+
+def ranked_best(study: optuna.Study) -> list[FrozenTrial]:
+    """The best trial (one objective) or the Pareto set, best signed dev mean first."""
+    directions = [d.name.lower() for d in study.directions]
+    if len(directions) == 1:
+        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        return [study.best_trial] if complete else []
+    front = study.best_trials
+    return sorted(front, key=lambda t: (-_signed_mean(t, directions), t.number))
+
+
+def top_trials(study: optuna.Study, k: int) -> list[FrozenTrial]:
+    """Up to k trials worth a test evaluation: the best (or Pareto set), then runners-up."""
+    directions = [d.name.lower() for d in study.directions]
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    best = ranked_best(study)
+    rest = sorted((t for t in complete if t not in best),
+                  key=lambda t: (-_signed_mean(t, directions), t.number))
+    return (best + rest)[:k]
+
+
+def select_trial(study: optuna.Study, which: str | int) -> FrozenTrial:
+    """A trial by number, or `best`: the selected merge of the report."""
+    trials = study.get_trials(deepcopy=False)
+    if which == "best":
+        best = ranked_best(study)
+        if not best:
+            raise StorageError(f"study {study.study_name!r} has no complete trial yet")
+        return best[0]
+    number = int(which)
+    if not 0 <= number < len(trials):
+        raise StorageError(f"study {study.study_name!r} has no trial {number} "
+                           f"(trials 0 to {len(trials) - 1})")
+    trial = trials[number]
+    if trial.state != TrialState.COMPLETE:
+        raise StorageError(f"trial {number} of study {study.study_name!r} is "
+                           f"{trial.state.name.lower()}, not complete; choose a complete trial")
+    return trial
+
+
+def baseline_trials(study: optuna.Study) -> dict[str, FrozenTrial]:
+    """Latest complete trial of each baseline (parents, uniform), by name."""
+    out = {}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if BASELINE_ATTR in trial.user_attrs:
+            out[trial.user_attrs[BASELINE_ATTR]] = trial
+    return out
+
+
+def build_report(study: optuna.Study) -> dict[str, Any]:
+    spec = stored_spec(study)
+    names = [o.name for o in spec.objectives]
+    states = [t.state for t in study.get_trials(deepcopy=False)]
+
+    def entry(trial: FrozenTrial) -> dict[str, Any]:
+        test = test_values(study, trial.number)
+        return {
+            "trial": trial.number,
+            "dev": _dev(trial, names),
+            "test": test["objectives"] if test else None,
+            "recipe": trial.user_attrs.get("recipe"),
+            "weights_sha256": trial.user_attrs.get("weights_sha256"),
+        }
+
+    baselines = baseline_trials(study)
+    parents = [p.name for p in spec.parents]
+    best = ranked_best(study)
+    return {
+        "study": study.study_name,
+        "objectives": names,
+        "directions": spec.directions,
+        "trials": {
+            "complete": states.count(TrialState.COMPLETE),
+            "pruned": states.count(TrialState.PRUNED),
+            "fail": states.count(TrialState.FAIL),
+            "running": states.count(TrialState.RUNNING),
+            "waiting": states.count(TrialState.WAITING),
+        },
+        "baselines": [
+            {"name": name, **{k: v for k, v in entry(baselines[name]).items()
+                              if k in ("trial", "dev", "test")}}
+            for name in [*parents, "uniform"] if name in baselines
+        ],
+        "best": [entry(t) for t in best],
+        "selected": best[0].number if best else None,
+    }

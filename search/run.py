@@ -1,0 +1,123 @@
+"""The CLI's verbs as functions: launch, join, status, evaluate, and their text output."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from optuna.trial import TrialState
+
+from evaluators.engines import HFEngine
+from evaluators.suite import SuiteResult
+from search.report import build_report, top_trials
+from search.spec import load_spec
+from search.study import (
+    BASELINE_ATTR,
+    create_or_resume,
+    enqueue_baselines,
+    evaluate_on_test,
+    finished_count,
+    load_study,
+    run_trials,
+    stored_spec,
+    test_values,
+    worker_seed,
+)
+from search.workbench import Workbench, build_suite
+
+log = logging.getLogger(__name__)
+
+
+def launch_study(spec_path: Path, storage: str | None = None, name: str | None = None,
+                 n_trials: int | None = None, timeout: float | None = None,
+                 test: bool = True, progress: bool = True) -> str:
+    """Check everything, then create or resume the study, run it, and score the best on
+    test. Returns a one-paragraph summary."""
+    spec = load_spec(spec_path)
+    bench = Workbench.prepare(spec)  # every user mistake surfaces before storage is touched
+    try:
+        study = create_or_resume(spec, storage or spec.storage, name or spec.name)
+        enqueue_baselines(study, bench)
+        run_trials(study, bench, n_trials or spec.budget.n_trials,
+                   timeout or spec.budget.timeout, progress)
+        if test:
+            score_chosen_on_test(study, bench)
+    finally:
+        bench.close()
+    return f"study {study.study_name}: {finished_count(study)} finished trials"
+
+
+def score_chosen_on_test(study, bench: Workbench) -> None:
+    """Baselines and the top dev trials, on the test split."""
+    baselines = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                 if BASELINE_ATTR in t.user_attrs]
+    top = [t.number for t in top_trials(study, bench.spec.evaluation.test_top_k)]
+    evaluate_on_test(study, bench, list(dict.fromkeys(baselines + top)))
+
+
+def join_study(storage: str, name: str | None, n_trials: int | None,
+               timeout: float | None) -> str:
+    study = load_study(storage, name)
+    spec = stored_spec(study)
+    study = load_study(storage, study.study_name, seed=worker_seed(spec.seed))
+    bench = Workbench.prepare(spec)
+    try:
+        run_trials(study, bench, n_trials or spec.budget.n_trials,
+                   timeout or spec.budget.timeout)
+    finally:
+        bench.close()
+    return f"study {study.study_name}: {finished_count(study)} finished trials"
+
+
+def evaluate_model(spec_path: Path, model: Path, split: str) -> SuiteResult:
+    spec = load_spec(spec_path)
+    suite = build_suite(spec)
+    engine = HFEngine(model, spec.engine.device, spec.engine.dtype, spec.engine.batch_size)
+    try:
+        return suite.evaluate(engine, split, spec.evaluation.chunk_size)
+    finally:
+        engine.close()
+
+
+# ---------------------------------------------------------------- text output
+
+
+def _fmt(values: dict[str, float] | None, names: list[str]) -> list[str]:
+    return [("" if values is None or n not in values else f"{values[n]:.4f}") for n in names]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def status_table(storage: str, name: str | None) -> str:
+    study = load_study(storage, name)
+    names = [o.name for o in stored_spec(study).objectives]
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        dev = dict(zip(names, t.values, strict=True)) if t.values else None
+        test = (test_values(study, t.number) or {}).get("objectives")
+        seconds = (t.datetime_complete - t.datetime_start).total_seconds() \
+            if t.datetime_complete and t.datetime_start else None
+        rows.append([str(t.number), t.state.name.lower(), t.user_attrs.get(BASELINE_ATTR, ""),
+                     *_fmt(dev, names), *_fmt(test, names),
+                     "" if seconds is None else f"{seconds:.1f}"])
+    header = ["trial", "state", "baseline", *[f"dev:{n}" for n in names],
+              *[f"test:{n}" for n in names], "seconds"]
+    return f"study {study.study_name}\n" + _table(header, rows)
+
+
+def format_report(report: dict[str, Any]) -> str:
+    names = report["objectives"]
+    counts = ", ".join(f"{v} {k}" for k, v in report["trials"].items() if v)
+    rows = [[b["name"], str(b["trial"]), *_fmt(b["dev"], names), *_fmt(b["test"], names)]
+            for b in report["baselines"]]
+    rows += [[("selected" if b["trial"] == report["selected"] else "best"), str(b["trial"]),
+              *_fmt(b["dev"], names), *_fmt(b["test"], names)] for b in report["best"]]
+    header = ["", "trial", *[f"dev:{n}" for n in names], *[f"test:{n}" for n in names]]
+    return f"study {report['study']}: {counts}\n" + _table(header, rows)

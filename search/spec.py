@@ -1,0 +1,219 @@
+"""`StudySpec`: everything a study needs, read from one YAML file and validated.
+
+Unknown keys are errors. Every error names the file, the line and the field, e.g.
+`spec.yaml:14: probes[0].kind: ...`. Relative paths are taken from the spec's folder and
+stored absolute, so the spec saved with a study is enough for a worker anywhere on the
+same file system.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from evaluators.probes import PROBE_KINDS, AnyProbeConfig
+from mergesearch.errors import SpecError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelRef(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    path: Path
+
+
+class MergeSpec(_Strict):
+    method: Literal["linear"] = "linear"
+    genes: Literal["per_layer", "global"] = "per_layer"
+    outer_genes: bool = Field(True, description="embed, final norm and lm_head as own genes")
+    bounds: tuple[float, float] = (0.0, 1.0)
+    source: str | None = Field(
+        None, description="parent whose config, tokenizer and chat template the merge uses "
+        "(default: the last parent)"
+    )
+
+    @model_validator(mode="after")
+    def _ordered_bounds(self) -> MergeSpec:
+        if not self.bounds[0] < self.bounds[1]:
+            raise ValueError(f"bounds must be [low, high] with low < high, not {self.bounds}")
+        return self
+
+
+class ObjectiveSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    probes: list[str] = Field(min_length=1)
+    metric: str | None = None
+    direction: Literal["maximize", "minimize"] = "maximize"
+
+
+class SamplerSpec(_Strict):
+    name: Literal["tpe", "random", "nsga2"] = "tpe"
+    n_startup_trials: int = Field(10, ge=0)
+
+
+class BudgetSpec(_Strict):
+    n_trials: int | None = Field(30, gt=0)
+    timeout: float | None = Field(None, gt=0, description="seconds")
+
+
+class EngineSpec(_Strict):
+    kind: Literal["hf"] = "hf"
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    batch_size: int = Field(32, gt=0)
+
+
+class EvaluationSpec(_Strict):
+    chunk_size: int = Field(64, gt=0)
+    test_top_k: int = Field(3, ge=0, description="best trials scored on test after the study")
+
+
+class StudySpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    seed: int = 0
+    parents: list[ModelRef] = Field(min_length=2)
+    merge: MergeSpec = MergeSpec()
+    probes: list[AnyProbeConfig] = Field(min_length=1)
+    objectives: list[ObjectiveSpec] = Field(min_length=1)
+    sampler: SamplerSpec = SamplerSpec()
+    budget: BudgetSpec = BudgetSpec()
+    storage: str | None = None
+    engine: EngineSpec = EngineSpec()
+    evaluation: EvaluationSpec = EvaluationSpec()
+
+    @model_validator(mode="after")
+    def _cross_references(self) -> StudySpec:
+        _unique("parents", [p.name for p in self.parents])
+        _unique("probes", [p.name for p in self.probes])
+        _unique("objectives", [o.name for o in self.objectives])
+        parent_names = [p.name for p in self.parents]
+        if self.merge.source is not None and self.merge.source not in parent_names:
+            raise ValueError(f"merge.source {self.merge.source!r} is not a parent "
+                             f"({', '.join(parent_names)})")
+        probe_names = {p.name for p in self.probes}
+        for i, objective in enumerate(self.objectives):
+            for name in objective.probes:
+                if name not in probe_names:
+                    raise ValueError(f"objectives[{i}] names probe {name!r}, which is not "
+                                     f"defined (probes: {', '.join(sorted(probe_names))})")
+        return self
+
+    @property
+    def source_parent(self) -> ModelRef:
+        name = self.merge.source or self.parents[-1].name
+        return next(p for p in self.parents if p.name == name)
+
+    @property
+    def directions(self) -> list[str]:
+        return [o.direction for o in self.objectives]
+
+    def to_json_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def _unique(what: str, names: list[str]) -> None:
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise ValueError(f"{what}: name {name!r} is used twice")
+        seen.add(name)
+
+
+# ---------------------------------------------------------------- loading with line numbers
+
+
+def _line_map(node: yaml.Node, path: tuple = ()) -> dict[tuple, int]:
+    """Line (1-based) of every key and item in a composed YAML document."""
+    lines = {path: node.start_mark.line + 1}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            child = (*path, key.value)
+            lines.update(_line_map(value, child))
+            lines[child] = key.start_mark.line + 1
+    elif isinstance(node, yaml.SequenceNode):
+        for index, value in enumerate(node.value):
+            lines.update(_line_map(value, (*path, index)))
+    return lines
+
+
+def _field_name(loc: tuple) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(top level)"
+
+
+def _located(loc: tuple, lines: dict[tuple, int]) -> tuple[tuple, int | None]:
+    """Drop pydantic's union-tag components (not in the YAML) and find the nearest line."""
+    real = tuple(p for p in loc if p not in PROBE_KINDS)
+    for end in range(len(real), -1, -1):
+        if real[:end] in lines:
+            return real, lines[real[:end]]
+    return real, None
+
+
+def _describe(error: dict) -> str:
+    if error["type"] == "extra_forbidden":
+        return "unknown field; remove it or check its spelling"
+    if error["type"] == "union_tag_invalid":
+        expected = error.get("ctx", {}).get("expected_tags", "")
+        return f"unknown probe kind {error['input']!r}; expected one of {expected}"
+    message = error["msg"]
+    return message.removeprefix("Value error, ")
+
+
+def parse_spec(data: Any, where: str, lines: dict[tuple, int] | None = None,
+               base_dir: Path | None = None) -> StudySpec:
+    """Validate spec data; `where` is the file name used in messages."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{where}: a study spec must be a YAML mapping of fields")
+    try:
+        spec = StudySpec.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc, line = _located(tuple(first["loc"]), lines or {})
+        at = f"{where}:{line}" if line else where
+        more = f" (and {e.error_count() - 1} more problems)" if e.error_count() > 1 else ""
+        raise SpecError(f"{at}: {_field_name(loc)}: {_describe(first)}{more}") from None
+    if base_dir is not None:
+        _resolve_paths(spec, base_dir, where, lines or {})
+    return spec
+
+
+def _resolve_paths(spec: StudySpec, base_dir: Path, where: str, lines: dict) -> None:
+    for i, parent in enumerate(spec.parents):
+        parent.path = (base_dir / parent.path).resolve()
+        if not parent.path.is_dir():
+            line = lines.get(("parents", i, "path"))
+            raise SpecError(f"{where}:{line}: parents[{i}].path: folder {parent.path} does "
+                            "not exist; give a Hugging Face model folder (absolute, or "
+                            "relative to the spec)")
+    for probe in spec.probes:
+        probe.path = (base_dir / probe.path).resolve()
+    if spec.storage is None:
+        spec.storage = f"sqlite:///{(base_dir / 'study.db').resolve()}"
+
+
+def load_spec(path: Path | str) -> StudySpec:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise SpecError(f"{at}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    lines = _line_map(node) if node is not None else {}
+    return parse_spec(data, str(path), lines, path.parent)
+
+
+def probe_where(spec: StudySpec, index: int) -> str:
+    return f"probes[{index}] ({spec.probes[index].name})"

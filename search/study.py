@@ -1,0 +1,186 @@
+"""Creating, resuming and running a study, and scoring chosen trials on the test split.
+
+The spec is stored with the study (a study user attribute), so a worker needs only the
+storage URL and the study name. A new study is warm-started with the parents themselves
+and their uniform average, marked as baselines, so every study holds its own reference
+points. Budgets count finished trials of the whole study, so several workers and resumed
+launches stop together at `n_trials`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+
+import optuna
+from optuna.study import MaxTrialsCallback
+from optuna.trial import TrialState
+
+from mergesearch.errors import SpecError, StorageError
+from search.spec import StudySpec, parse_spec
+from search.workbench import Workbench
+from storage import open_storage, study_names
+
+log = logging.getLogger(__name__)
+
+SPEC_ATTR = "spec"
+BASELINE_ATTR = "baseline"
+TEST_ATTR_PREFIX = "test:"
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# Spec sections that define what a study's trial values mean; the rest may change on resume.
+_IDENTITY = ("parents", "merge", "probes", "objectives")
+
+
+def make_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
+    name = spec.sampler.name
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed)
+    return optuna.samplers.TPESampler(
+        seed=seed, n_startup_trials=spec.sampler.n_startup_trials, multivariate=True,
+        constant_liar=True,
+    )
+
+
+def resolve_study_name(storage: optuna.storages.BaseStorage, name: str | None) -> str:
+    """`name`, or the only study in the storage when no name is given."""
+    names = study_names(storage)
+    if name is not None:
+        if name not in names:
+            raise StorageError(f"storage has no study {name!r} (studies: "
+                               f"{', '.join(names) or 'none'})")
+        return name
+    if len(names) == 1:
+        return names[0]
+    raise StorageError("the storage holds " + (f"{len(names)} studies ({', '.join(names)}); "
+                       "name one with --study" if names else "no study"))
+
+
+def stored_spec(study: optuna.Study) -> StudySpec:
+    data = study.user_attrs.get(SPEC_ATTR)
+    if data is None:
+        raise StorageError(f"study {study.study_name!r} was not made by mergesearch (no spec)")
+    return parse_spec(data, f"spec stored with study {study.study_name!r}")
+
+
+def load_study(storage_url: str, name: str | None, seed: int | None = None) -> optuna.Study:
+    storage = open_storage(storage_url, create=False)
+    name = resolve_study_name(storage, name)
+    sampler = None
+    if seed is not None:
+        sampler = make_sampler(stored_spec(optuna.load_study(study_name=name, storage=storage)),
+                               seed)
+    return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+
+
+def create_or_resume(spec: StudySpec, storage_url: str, name: str) -> optuna.Study:
+    storage = open_storage(storage_url)
+    sampler = make_sampler(spec, spec.seed)
+    if name in study_names(storage):
+        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        _check_same_study(study, spec)
+        log.info("resuming study %s (%d trials so far)", name, len(study.trials))
+        return study
+    try:
+        study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
+                                    directions=spec.directions)
+    except optuna.exceptions.DuplicatedStudyError:  # another launcher won the race
+        return create_or_resume(spec, storage_url, name)
+    study.set_metric_names([o.name for o in spec.objectives])
+    study.set_user_attr(SPEC_ATTR, spec.to_json_dict())
+    return study
+
+
+def _check_same_study(study: optuna.Study, spec: StudySpec) -> None:
+    old, new = stored_spec(study).to_json_dict(), spec.to_json_dict()
+    for section in _IDENTITY:
+        if old[section] != new[section]:
+            raise SpecError(
+                f"study {study.study_name!r} already exists with a different `{section}`; "
+                "its trials would not be comparable. Give this spec another study name "
+                "(--study NAME or `name:`), or restore the section"
+            )
+
+
+def enqueue_baselines(study: optuna.Study, bench: Workbench) -> None:
+    """Queue each parent alone and the uniform average, once per study."""
+    if any(BASELINE_ATTR in t.user_attrs for t in study.get_trials(deepcopy=False)):
+        return
+    for name, params in bench.space.baselines().items():
+        study.enqueue_trial(params, user_attrs={BASELINE_ATTR: name}, skip_if_exists=True)
+
+
+def make_objective(bench: Workbench) -> Callable[[optuna.Trial], list[float]]:
+    def objective(trial: optuna.Trial) -> list[float]:
+        recipe = bench.space.suggest(trial)
+        trial.set_user_attr("recipe", recipe.to_dict())
+        weights_hash, result = bench.score(recipe, "dev")
+        trial.set_user_attr("weights_sha256", weights_hash)
+        trial.set_user_attr("weights_dtype", bench.weights_dtype)
+        trial.set_user_attr("dev_probes", result.probes)
+        return bench.objective_values(result)
+
+    return objective
+
+
+def finished_count(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def run_trials(study: optuna.Study, bench: Workbench, n_trials: int | None,
+               timeout: float | None, progress: bool = True) -> None:
+    """Run trials until the study holds `n_trials` finished ones or `timeout` seconds pass."""
+    callbacks = []
+    remaining = None
+    if n_trials is not None:
+        remaining = n_trials - finished_count(study)
+        if remaining <= 0:
+            log.info("study %s already has %d finished trials", study.study_name, n_trials)
+            return
+        callbacks.append(MaxTrialsCallback(n_trials, states=FINISHED))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(make_objective(bench), n_trials=remaining, timeout=timeout,
+                   callbacks=callbacks, show_progress_bar=progress)
+
+
+def worker_seed(seed: int) -> int:
+    """Workers beside the launcher must not propose the launcher's exact sequence."""
+    return (seed * 1_000_003 + os.getpid()) % 2**31
+
+
+# ---------------------------------------------------------------- test split
+
+
+def test_values(study: optuna.Study, number: int) -> dict | None:
+    return study.user_attrs.get(f"{TEST_ATTR_PREFIX}{number}")
+
+
+def evaluate_on_test(study: optuna.Study, bench: Workbench, numbers: list[int]) -> None:
+    """Score trials on the test split (once each), proving the weights are the scored ones.
+
+    Results are study attributes `test:<trial number>`: a finished trial is immutable.
+    """
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    for number in numbers:
+        if test_values(study, number) is not None:
+            continue
+        trial = trials[number]
+        recipe = recipe_of(trial)
+        weights_hash, result = bench.score(recipe, "test")
+        if weights_hash != trial.user_attrs.get("weights_sha256"):
+            raise StorageError(f"trial {number}: weights rebuilt for the test split differ from "
+                               "those scored on dev (hash mismatch); the parents changed?")
+        study.set_user_attr(f"{TEST_ATTR_PREFIX}{number}",
+                            {"objectives": result.objectives, "probes": result.probes})
+        log.info("trial %d test %s", number, json.dumps(result.objectives))
+
+
+def recipe_of(trial: optuna.trial.FrozenTrial):
+    from merging import MergeRecipe
+
+    if "recipe" not in trial.user_attrs:
+        raise StorageError(f"trial {trial.number} has no recipe (state {trial.state.name})")
+    return MergeRecipe.from_dict(trial.user_attrs["recipe"])

@@ -1,0 +1,77 @@
+"""`Workbench`: what one worker holds for the life of a study.
+
+Built once from a spec: the parents are checked and held in memory, the probes are read
+and validated, and one engine is started from the source parent. Everything a user could
+have got wrong is found here, before any storage is touched.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from evaluators.engines import HFEngine
+from evaluators.probes import Probe, build_probe
+from evaluators.suite import ObjectiveDef, Suite, SuiteResult
+from merging import Materializer, MergeRecipe, Parents
+from mergesearch.errors import SpecError
+from search.space import SearchSpace
+from search.spec import StudySpec, probe_where
+
+log = logging.getLogger(__name__)
+
+
+def build_suite(spec: StudySpec) -> Suite:
+    probes: dict[str, Probe] = {
+        p.name: build_probe(p, probe_where(spec, i)) for i, p in enumerate(spec.probes)
+    }
+    for i, objective in enumerate(spec.objectives):
+        for name in objective.probes:
+            metrics = probes[name].metrics
+            if objective.metric is not None and objective.metric not in metrics:
+                raise SpecError(f"objectives[{i}].metric: probe {name!r} has no metric "
+                                f"{objective.metric!r} (it has {', '.join(metrics)})")
+    objectives = [ObjectiveDef(o.name, tuple(o.probes), o.metric, o.direction)
+                  for o in spec.objectives]
+    return Suite(probes, objectives)
+
+
+@dataclass
+class Workbench:
+    spec: StudySpec
+    parents: Parents
+    materializer: Materializer
+    suite: Suite
+    space: SearchSpace
+    engine: HFEngine
+
+    @classmethod
+    def prepare(cls, spec: StudySpec) -> Workbench:
+        suite = build_suite(spec)
+        parents = Parents({p.name: p.path for p in spec.parents})
+        materializer = Materializer(parents)
+        space = SearchSpace(spec, parents.layout)
+        engine = HFEngine(
+            spec.source_parent.path,
+            device=spec.engine.device,
+            dtype=spec.engine.dtype,
+            batch_size=spec.engine.batch_size,
+            materializer=materializer,
+        )
+        return cls(spec, parents, materializer, suite, space, engine)
+
+    @property
+    def weights_dtype(self) -> str:
+        return str(self.engine.dtype).removeprefix("torch.")
+
+    def score(self, recipe: MergeRecipe, split: str) -> tuple[str, SuiteResult]:
+        """Load the recipe into the engine and evaluate it; return (weights hash, result)."""
+        weights_hash = self.engine.load_recipe(recipe)
+        result = self.suite.evaluate(self.engine, split, self.spec.evaluation.chunk_size)
+        return weights_hash, result
+
+    def objective_values(self, result: SuiteResult) -> list[float]:
+        return [result.objectives[o.name] for o in self.spec.objectives]
+
+    def close(self) -> None:
+        self.engine.close()
