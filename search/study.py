@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from collections.abc import Callable
 
 import optuna
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
+from merging import MergeRecipe
 from mergesearch.errors import SpecError, StorageError
 from search.spec import StudySpec, parse_spec
 from search.workbench import Workbench
@@ -89,7 +91,9 @@ def create_or_resume(spec: StudySpec, storage_url: str, name: str) -> optuna.Stu
                                     directions=spec.directions)
     except optuna.exceptions.DuplicatedStudyError:  # another launcher won the race
         return create_or_resume(spec, storage_url, name)
-    study.set_metric_names([o.name for o in spec.objectives])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([o.name for o in spec.objectives])
     study.set_user_attr(SPEC_ATTR, spec.to_json_dict())
     return study
 
@@ -178,9 +182,7 @@ def evaluate_on_test(study: optuna.Study, bench: Workbench, numbers: list[int]) 
         log.info("trial %d test %s", number, json.dumps(result.objectives))
 
 
-def recipe_of(trial: optuna.trial.FrozenTrial):
-    from merging import MergeRecipe
-
+def recipe_of(trial: optuna.trial.FrozenTrial) -> MergeRecipe:
     if "recipe" not in trial.user_attrs:
         raise StorageError(f"trial {trial.number} has no recipe (state {trial.state.name})")
     return MergeRecipe.from_dict(trial.user_attrs["recipe"])

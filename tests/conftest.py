@@ -73,18 +73,18 @@ def probe_files(tmp_path_factory) -> dict[str, Path]:
             "instructions": write_jsonl(root / "instructions.jsonl", instructions)}
 
 
-def spec_dict(parents: dict[str, Path], probe_files: dict[str, Path], **changes) -> dict:
+def spec_dict(models: dict[str, Path], probes: dict[str, Path], **changes) -> dict:
     spec = {
         "name": "tiny",
         "seed": 0,
-        "parents": [{"name": "clinical", "path": str(parents["clinical"])},
-                    {"name": "instruct", "path": str(parents["instruct"])}],
+        "parents": [{"name": "clinical", "path": str(models["clinical"])},
+                    {"name": "instruct", "path": str(models["instruct"])}],
         "merge": {"method": "linear", "genes": "per_layer"},
         "probes": [
-            {"name": "radiology", "kind": "generation", "path": str(probe_files["radiology"]),
+            {"name": "radiology", "kind": "generation", "path": str(probes["radiology"]),
              "fields": {"input": "findings", "reference": "impression"},
              "template": "Summarize: {{ findings }}", "max_new_tokens": 8},
-            {"name": "ifeval", "kind": "instruction", "path": str(probe_files["instructions"]),
+            {"name": "ifeval", "kind": "instruction", "path": str(probes["instructions"]),
              "max_new_tokens": 8},
         ],
         "objectives": [{"name": "clinical", "probes": ["radiology"]},

@@ -105,10 +105,12 @@ def test_unknown_ifeval_instruction_is_refused(tmp_path):
 
 def test_sentence_checks_work_offline():
     """Without nltk's punkt_tab data the fallback splits sentences, abbreviations included."""
+    from nltk.data import FileSystemPathPointer
     from nltk.tokenize.punkt import PunktSentenceTokenizer, load_punkt_params
 
     assert ensure_sentence_tokenizer() in ("installed", "fallback")
-    params = load_punkt_params(str(FALLBACK_NLTK_DATA / "tokenizers/punkt_tab/english"))
+    folder = FALLBACK_NLTK_DATA / "tokenizers/punkt_tab/english"
+    params = load_punkt_params(FileSystemPathPointer(str(folder)))
     splitter = PunktSentenceTokenizer(params)
     text = "Dr. Smith saw the film, e.g. the new one. It was long. Was it good?"
     assert splitter.tokenize(text) == ["Dr. Smith saw the film, e.g. the new one.",

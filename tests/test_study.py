@@ -1,0 +1,124 @@
+"""The study end to end through the CLI, on tiny random parents."""
+
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+
+@pytest.fixture
+def launched(cli, write_spec, tmp_path):
+    spec = write_spec()
+    code, out, err = cli("launch", spec, "--n-trials", "5")
+    assert code == 0, err
+    return f"sqlite:///{tmp_path / 'study.db'}"
+
+
+def test_launch_records_trials_baselines_and_test_values(cli, launched):
+    code, out, err = cli("report", "--storage", launched, "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["study"] == "tiny"
+    assert report["objectives"] == ["clinical", "instruction"]
+    assert report["directions"] == ["maximize", "maximize"]
+    assert report["trials"]["complete"] == 5 and report["trials"]["fail"] == 0
+    names = [b["name"] for b in report["baselines"]]
+    assert names == ["clinical", "instruct", "uniform"]
+    for baseline in report["baselines"]:
+        assert set(baseline["dev"]) == {"clinical", "instruction"}
+        assert set(baseline["test"]) == {"clinical", "instruction"}
+    assert report["best"] and report["selected"] == report["best"][0]["trial"]
+    best = report["best"][0]
+    assert best["test"] is not None and best["recipe"]["method"] == "linear"
+    assert len(best["weights_sha256"]) == 64
+
+
+def test_trials_carry_recipe_metrics_and_metric_names(launched):
+    import optuna
+
+    study = optuna.load_study(study_name="tiny", storage=launched)
+    assert study.metric_names == ["clinical", "instruction"]
+    trial = study.trials[-1]
+    assert set(trial.user_attrs) >= {"recipe", "weights_sha256", "weights_dtype", "dev_probes"}
+    genes = set(trial.user_attrs["recipe"]["model_params"]["instruct"]["weight"])
+    assert genes == {"layers.0", "layers.1", "layers.2", "embed", "norm", "lm_head"}
+    assert {p for p in trial.params} == {f"t[{g}]" for g in genes}
+
+
+def test_resume_and_worker_count_toward_one_budget(cli, launched):
+    code, _, err = cli("launch", cli_spec_path(launched), "--n-trials", "6", "--no-test")
+    assert code == 0, err
+    code, _, err = cli("worker", "--storage", launched, "--n-trials", "7")
+    assert code == 0, err
+    code, out, _ = cli("report", "--storage", launched, "--json")
+    assert json.loads(out)["trials"]["complete"] == 7
+    code, out, _ = cli("status", "--storage", launched)
+    assert code == 0 and out.count("complete") == 7 and "uniform" in out
+
+
+def cli_spec_path(storage_url: str) -> str:
+    return storage_url.removeprefix("sqlite:///").replace("study.db", "spec.yaml")
+
+
+def test_export_best_loads_and_generates(cli, launched, tmp_path):
+    out_dir = tmp_path / "export"
+    code, out, err = cli("export", "--storage", launched, out_dir)
+    assert code == 0, err
+    record = json.loads((out_dir / "mergesearch_recipe.json").read_text())
+    tokenizer = AutoTokenizer.from_pretrained(out_dir)
+    model = AutoModelForCausalLM.from_pretrained(out_dir)
+    assert tokenizer.chat_template
+    ids = tokenizer("The lungs are clear.", return_tensors="pt")
+    generated = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] > ids["input_ids"].shape[1]
+    assert "weights sha256" in (out_dir / "README.md").read_text().lower()
+    assert record["trial"] == json.loads(cli("report", "--storage", launched, "--json")[1])[
+        "selected"]
+
+
+def test_export_refuses_what_it_cannot_do_cleanly(cli, launched, tmp_path):
+    out_dir = tmp_path / "export"
+    out_dir.mkdir()
+    code, _, err = cli("export", "--storage", launched, out_dir)
+    assert code == 2 and "already exists" in err
+    code, _, err = cli("export", "--storage", launched, "--trial", "99", tmp_path / "x")
+    assert code == 2 and "no trial 99" in err and not (tmp_path / "x").exists()
+    code, _, err = cli("export", "--storage", "sqlite:///" + str(tmp_path / "none.db"),
+                       tmp_path / "y")
+    assert code == 2 and "no study database" in err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_export_detects_changed_parents(cli, write_spec, parents, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    copies = {}
+    for name in ("clinical", "instruct"):
+        copies[name] = tmp_path / "parents" / name
+        shutil.copytree(parents[name], copies[name])
+    spec = write_spec(parents=[{"name": n, "path": str(p)} for n, p in copies.items()])
+    assert cli("launch", spec, "--n-trials", "3", "--no-test")[0] == 0
+    weights = copies["clinical"] / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] + torch.ones(1)
+    save_file(tensors, weights, metadata={"format": "pt"})
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    code, _, err = cli("export", "--storage", storage, "--trial", "2", tmp_path / "bad")
+    assert code == 2 and "not the ones the study used" in err
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".bad")] == []
+    assert not (tmp_path / "bad").exists()
+
+
+def test_evaluate_scores_a_model_and_writes_items(cli, write_spec, parents, tmp_path):
+    items = tmp_path / "items.jsonl"
+    code, out, err = cli("evaluate", write_spec(), "--model", parents["instruct"], "--split",
+                         "test", "--json", "--items", items)
+    assert code == 0, err
+    result = json.loads(out)
+    assert set(result["objectives"]) == {"clinical", "instruction"}
+    rows = [json.loads(line) for line in items.read_text().splitlines()]
+    assert len(rows) == 8 and {r["split"] for r in rows} == {"test"}
+    assert {"probe", "item_id", "output", "scores"} <= set(rows[0])
