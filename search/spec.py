@@ -161,8 +161,8 @@ def _describe(error: dict) -> str:
     if error["type"] == "extra_forbidden":
         return "unknown field; remove it or check its spelling"
     if error["type"] == "union_tag_invalid":
-        expected = error.get("ctx", {}).get("expected_tags", "")
-        return f"unknown probe kind {error['input']!r}; expected one of {expected}"
+        ctx = error.get("ctx", {})
+        return f"unknown probe kind {ctx.get('tag')!r}; expected one of {ctx.get('expected_tags')}"
     message = error["msg"]
     return message.removeprefix("Value error, ")
 
@@ -176,7 +176,10 @@ def parse_spec(data: Any, where: str, lines: dict[tuple, int] | None = None,
         spec = StudySpec.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
-        loc, line = _located(tuple(first["loc"]), lines or {})
+        loc = tuple(first["loc"])
+        if first["type"] == "union_tag_invalid":
+            loc = (*loc, first.get("ctx", {}).get("discriminator", "").strip("'"))
+        loc, line = _located(loc, lines or {})
         at = f"{where}:{line}" if line else where
         more = f" (and {e.error_count() - 1} more problems)" if e.error_count() > 1 else ""
         raise SpecError(f"{at}: {_field_name(loc)}: {_describe(first)}{more}") from None
