@@ -49,7 +49,9 @@ class Suite:
         self.probes = probes
         self.objectives = objectives
 
-    def chunks(self, engine: Engine, split: str, chunk_size: int = 64) -> Iterator[list[ItemResult]]:
+    def chunks(
+        self, engine: Engine, split: str, chunk_size: int = 64
+    ) -> Iterator[list[ItemResult]]:
         for name, probe in self.probes.items():
             items = probe.items(split)
             for start in range(0, len(items), chunk_size):

@@ -14,10 +14,10 @@ from collections.abc import Iterator
 
 import torch
 
+from mergesearch.errors import MergesearchError
 from merging.methods import MergeMethod, get_method
 from merging.parents import Parents
 from merging.recipe import MergeRecipe
-from mergesearch.errors import MergesearchError
 
 
 class WeightsHash:

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from merging.layout import ModelLayout
 from mergesearch.errors import ParentError
+from merging.layout import ModelLayout
 
 
 def read_config(folder: Path) -> dict:

@@ -17,12 +17,12 @@ import optuna
 import torch
 from safetensors.torch import save_file
 
-from merging import Materializer, Parents
-from merging.materializer import WeightsHash
 from mergesearch import __version__
 from mergesearch.errors import MergesearchError, StorageError
-from search.study import recipe_of, stored_spec, test_values
+from merging import Materializer, Parents
+from merging.materializer import WeightsHash
 from search.report import select_trial
+from search.study import recipe_of, stored_spec, test_values
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 _SKIP = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "README.md"}
@@ -94,9 +94,9 @@ def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
 
 
 def _model_card(record: dict) -> str:
+    test = record["test"] or {}
     scores = "\n".join(
-        f"| {name} | {value:.4f} | "
-        f"{'' if record['test'] is None else format(record['test'].get(name, float('nan')), '.4f')} |"
+        f"| {name} | {value:.4f} | {format(test[name], '.4f') if name in test else ''} |"
         for name, value in record["dev"].items()
     )
     return f"""# Merged model: study `{record['study']}`, trial {record['trial']}

@@ -10,7 +10,7 @@ from optuna.trial import TrialState
 
 from evaluators.engines import HFEngine
 from evaluators.suite import SuiteResult
-from search.report import build_report, top_trials
+from search.report import top_trials
 from search.spec import load_spec
 from search.study import (
     BASELINE_ATTR,

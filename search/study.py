@@ -19,8 +19,8 @@ import optuna
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
-from merging import MergeRecipe
 from mergesearch.errors import SpecError, StorageError
+from merging import MergeRecipe
 from search.spec import StudySpec, parse_spec
 from search.workbench import Workbench
 from storage import open_storage, study_names

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from evaluators.engines import HFEngine
 from evaluators.probes import Probe, build_probe
 from evaluators.suite import ObjectiveDef, Suite, SuiteResult
-from merging import Materializer, MergeRecipe, Parents
 from mergesearch.errors import SpecError
+from merging import Materializer, MergeRecipe, Parents
 from search.space import SearchSpace
 from search.spec import StudySpec, probe_where
 

@@ -2,12 +2,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from mergesearch.errors import MergesearchError, ParentError
 from merging import Materializer, MergeRecipe, Parents
 from merging.layout import tensor_gene
 from merging.materializer import WeightsHash
 from merging.methods.linear import linear
 from merging.recipe import resolve_gene_value
-from mergesearch.errors import MergesearchError, ParentError
 from tests.conftest import make_model
 
 

@@ -14,9 +14,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evaluators.engines.base import GenerationRequest
+from mergesearch.errors import MergesearchError
 from merging.materializer import Materializer
 from merging.recipe import MergeRecipe
-from mergesearch.errors import MergesearchError
 
 log = logging.getLogger(__name__)
 

@@ -44,7 +44,9 @@ class InstructionProbe(Probe):
         if unknown:
             raise ProbeError(f"{path}: item {index + 1}: unknown IFEval instruction {unknown[0]!r}")
         if len(doc["kwargs"]) != len(doc["instruction_id_list"]):
-            raise ProbeError(f"{path}: item {index + 1}: kwargs must have one entry per instruction")
+            raise ProbeError(
+                f"{path}: item {index + 1}: kwargs must have one entry per instruction"
+            )
         item_id = str(record.get(self.config.id_field, index))
         request = GenerationRequest(doc["prompt"], self.config.max_new_tokens, self.config.system)
         return ProbeItem(item_id, request, doc)

@@ -198,7 +198,8 @@ def _instruction_draft(rng: random.Random) -> dict:
     kwargs = [_kwargs(i, rng) for i in ids]
     facts = rng.sample(TOPICS[topic], 2)
     task = rng.choice(NOTE_KINDS).format(topic=topic)
-    prompt = " ".join([task, *(instruction_description(i, kw) for i, kw in zip(ids, kwargs))])
+    prompt = " ".join([task, *(instruction_description(i, kw) for i, kw in zip(ids, kwargs,
+                                                                          strict=True))])
     response = _respond(topic, facts, ids, kwargs)
     return {"prompt": prompt, "instruction_id_list": ids, "kwargs": kwargs, "response": response}
 
