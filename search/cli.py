@@ -41,11 +41,23 @@ def parse_duration(text: str | None) -> float | None:
     return float(h * 3600 + m * 60 + s)
 
 
+def _no_traceback_for_ctrl_c(record: logging.LogRecord) -> bool:
+    """Optuna logs a trial stopped by Ctrl-C as failed, with a traceback: keep the line only."""
+    if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+        record.exc_info = None
+    return True
+
+
 def _quiet_libraries() -> None:
+    import optuna
     import transformers
 
     transformers.logging.set_verbosity_error()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score's chatter
     transformers.utils.logging.disable_progress_bar()
+    for handler in optuna.logging.get_logger("optuna").handlers:
+        handler.addFilter(_no_traceback_for_ctrl_c)
 
 
 @app.command()
@@ -186,25 +198,22 @@ def demo(
 
 
 def main() -> None:
+    import click
+
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
     try:
-        app(standalone_mode=False)
+        # Not standalone: typer hands back exit codes (130 for Ctrl-C) instead of exiting.
+        code = app(standalone_mode=False)
     except MergesearchError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except click.ClickException as e:  # usage errors: unknown option, missing argument
+        e.show()
+        sys.exit(e.exit_code)
+    except (click.exceptions.Abort, typer.Abort):
+        sys.exit(1)
+    if code == 130:
         typer.echo("interrupted: finished trials are saved; run the same command to resume",
                    err=True)
-        sys.exit(130)
-    except typer.Abort:
-        sys.exit(130)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except Exception as e:  # click's usage errors
-        import click
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
+    sys.exit(code if isinstance(code, int) else 0)

@@ -95,6 +95,7 @@ def create_or_resume(spec: StudySpec, storage_url: str, name: str) -> optuna.Stu
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names([o.name for o in spec.objectives])
     study.set_user_attr(SPEC_ATTR, spec.to_json_dict())
+    log.info("created study %s", name)
     return study
 
 
@@ -145,7 +146,6 @@ def run_trials(study: optuna.Study, bench: Workbench, n_trials: int | None,
             log.info("study %s already has %d finished trials", study.study_name, n_trials)
             return
         callbacks.append(MaxTrialsCallback(n_trials, states=FINISHED))
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study.optimize(make_objective(bench), n_trials=remaining, timeout=timeout,
                    callbacks=callbacks, show_progress_bar=progress)
 

@@ -122,3 +122,38 @@ def test_evaluate_scores_a_model_and_writes_items(cli, write_spec, parents, tmp_
     rows = [json.loads(line) for line in items.read_text().splitlines()]
     assert len(rows) == 8 and {r["split"] for r in rows} == {"test"}
     assert {"probe", "item_id", "output", "scores"} <= set(rows[0])
+
+
+def test_ctrl_c_stops_cleanly_and_the_study_resumes(cli, write_spec, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import optuna
+
+    spec = write_spec(budget={"n_trials": 500})
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    launch = subprocess.Popen(
+        [sys.executable, "-c", "from search.cli import main; main()", "launch", str(spec),
+         "--no-test"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while True:
+        assert launch.poll() is None and time.monotonic() < deadline
+        try:
+            done = optuna.load_study(study_name="tiny", storage=storage).get_trials(
+                states=(optuna.trial.TrialState.COMPLETE,))
+            if len(done) >= 4:
+                break
+        except KeyError:
+            pass
+        time.sleep(0.2)
+    launch.send_signal(signal.SIGINT)
+    _, err = launch.communicate(timeout=60)
+    assert launch.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    finished = len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)))
+    assert cli("launch", spec, "--n-trials", str(finished + 2), "--no-test")[0] == 0
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == finished + 2
