@@ -9,6 +9,7 @@ the selected merge to OUT/export and generates with it through plain transformer
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,7 +53,9 @@ def run_demo(out: Path, n_trials: int = 30, echo: Callable[[str], None] = print)
     spec_path = _prepare(out)
     storage = f"sqlite:///{(out / 'study.db').resolve()}"
     echo(f"demo: running {n_trials} trials; study in {out / 'study.db'}")
+    began = time.perf_counter()
     launch_study(spec_path, n_trials=n_trials)
+    echo(f"study took {time.perf_counter() - began:.1f} s (trials and test scoring)")
     study = load_study(storage, None)
     report = build_report(study)
     echo(format_report(report))
