@@ -27,3 +27,21 @@ def test_shipped_demo_assets_are_a_valid_study():
     spec = load_spec(ASSETS / "spec.yaml")
     Parents({p.name: p.path for p in spec.parents})
     assert Path(spec.storage.removeprefix("sqlite:///")).parent == ASSETS.resolve()
+
+
+def test_demo_runs_end_to_end_and_refuses_foreign_folders(cli, tmp_path):
+    out = tmp_path / "demo"
+    code, stdout, err = cli("demo", "--out", out, "--n-trials", "4")
+    assert code == 0, err
+    assert "mean of the test objectives" in stdout and "exported trial" in stdout
+    assert (out / "spec.yaml").is_file() and (out / "study.db").is_file()
+    AutoModelForCausalLM.from_pretrained(out / "export")
+    code, stdout, err = cli("report", "--storage", f"sqlite:///{out / 'study.db'}", "--json")
+    report = json.loads(stdout)
+    assert report["trials"]["complete"] == 4
+    assert all(b["test"] for b in report["baselines"])
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    code, _, err = cli("demo", "--out", tmp_path / "mine")
+    assert code == 2 and "not the demo's" in err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"

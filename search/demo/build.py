@@ -160,8 +160,9 @@ def write_probes(folder: Path, seed: int, per_split: int, train_texts: set[str])
             f.write(json.dumps({"key": 1000 + i, **doc, "split": split}) + "\n")
 
 
-def build(out: Path, seed: int = 0, base_steps: int = 1200, tune_steps: int = 400,
-          tune_lr: float = 3e-4, task_share: float = 0.1, batch_size: int = 16) -> None:
+def build(out: Path, seed: int = 0, base_steps: int = 1500, tune_steps: int = 350,
+          tune_lr: float = 2e-4, instruction_share: float = 0.05, batch_size: int = 16,
+          hidden_size: int = 128) -> None:
     rng = random.Random(seed)
     radiology = [synthetic.radiology_example(rng) for _ in range(4000)]
     instructions = [synthetic.instruction_example(rng) for _ in range(4000)]
@@ -170,19 +171,21 @@ def build(out: Path, seed: int = 0, base_steps: int = 1200, tune_steps: int = 40
     tokenizer = build_tokenizer(corpus)
     pad = tokenizer.pad_token_id
 
-    def chat_batches(examples: list[synthetic.Example], tasks: float = 0.0):
-        """Batches from `examples`, with a share `tasks` drawn from both tasks' examples."""
+    def chat_batches(examples: list[synthetic.Example], share: float = 0.0):
+        """Batches from `examples`, with a share drawn from the instruction examples: a base
+        model has seen some instruction data, but no radiology impressions."""
         def draw(r: random.Random):
-            chosen = [r.choice(radiology + instructions if r.random() < tasks else examples)
+            chosen = [r.choice(instructions if r.random() < share else examples)
                       for _ in range(batch_size)]
             return [_encode(tokenizer, chat_prompt(tokenizer, e.prompt), e.response)
                     for e in chosen]
         return draw
 
     torch.manual_seed(seed)
-    base = LlamaForCausalLM(tiny_llama_config(tokenizer))
+    base = LlamaForCausalLM(tiny_llama_config(tokenizer, hidden_size=hidden_size,
+                                              intermediate_size=3 * hidden_size))
     log.info("pretraining base (%d parameters)", sum(p.numel() for p in base.parameters()))
-    train(base, chat_batches(general, task_share), base_steps, 1e-3, seed, pad)
+    train(base, chat_batches(general, instruction_share), base_steps, 1e-3, seed, pad)
     save_model(base, tokenizer, out / "models" / "base")
     for name, examples, steps in (("clinical", radiology, tune_steps),
                                   ("instruct", instructions, 3 * tune_steps)):
@@ -200,16 +203,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ASSETS)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--base-steps", type=int, default=1200)
-    parser.add_argument("--tune-steps", type=int, default=400)
-    parser.add_argument("--tune-lr", type=float, default=3e-4)
-    parser.add_argument("--task-share", type=float, default=0.1,
-                        help="share of task examples in the base model's pretraining")
+    parser.add_argument("--base-steps", type=int, default=1500)
+    parser.add_argument("--tune-steps", type=int, default=350)
+    parser.add_argument("--tune-lr", type=float, default=2e-4)
+    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--instruction-share", type=float, default=0.05,
+                        help="share of instruction examples in the base model's pretraining")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     build(args.out, args.seed, args.base_steps, args.tune_steps, args.tune_lr,
-          args.task_share)
+          args.instruction_share, hidden_size=args.hidden_size)
 
 
 if __name__ == "__main__":
