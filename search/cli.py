@@ -198,8 +198,6 @@ def demo(
 
 
 def main() -> None:
-    import click
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
     try:
@@ -208,11 +206,11 @@ def main() -> None:
     except MergesearchError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
-    except click.ClickException as e:  # usage errors: unknown option, missing argument
-        e.show()
-        sys.exit(e.exit_code)
-    except (click.exceptions.Abort, typer.Abort):
+    except typer.Abort:
         sys.exit(1)
+    except typer.exceptions.TyperException as e:  # usage: unknown option, missing argument
+        e.show()  # type: ignore[attr-defined]
+        sys.exit(getattr(e, "exit_code", 2))
     if code == 130:
         typer.echo("interrupted: finished trials are saved; run the same command to resume",
                    err=True)
