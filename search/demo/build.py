@@ -12,6 +12,7 @@ two CPU cores; the results ship in the repository so that the demo does not trai
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import math
@@ -73,14 +74,16 @@ def tiny_llama_config(tokenizer: PreTrainedTokenizerFast, **overrides) -> LlamaC
     return LlamaConfig(**settings)
 
 
-def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, folder: Path) -> None:
-    """Save weights (safetensors), config, tokenizer and a greedy generation config."""
+def save_model(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, folder: Path,
+               dtype: torch.dtype = torch.float32) -> None:
+    """Save weights (safetensors, in `dtype`), config, tokenizer and a greedy generation config.
+    The model itself is left as it was."""
     if folder.exists():
         shutil.rmtree(folder)
     model.generation_config = GenerationConfig(
         do_sample=False, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
     )
-    model.save_pretrained(folder, safe_serialization=True)
+    copy.deepcopy(model).to(dtype).save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
 
 
@@ -162,7 +165,7 @@ def write_probes(folder: Path, seed: int, per_split: int, train_texts: set[str])
 
 def build(out: Path, seed: int = 0, base_steps: int = 1500, tune_steps: int = 350,
           tune_lr: float = 2e-4, instruction_share: float = 0.05, batch_size: int = 16,
-          hidden_size: int = 128) -> None:
+          hidden_size: int = 256) -> None:
     rng = random.Random(seed)
     radiology = [synthetic.radiology_example(rng) for _ in range(4000)]
     instructions = [synthetic.instruction_example(rng) for _ in range(4000)]
@@ -186,13 +189,14 @@ def build(out: Path, seed: int = 0, base_steps: int = 1500, tune_steps: int = 35
                                               intermediate_size=3 * hidden_size))
     log.info("pretraining base (%d parameters)", sum(p.numel() for p in base.parameters()))
     train(base, chat_batches(general, instruction_share), base_steps, 1e-3, seed, pad)
-    save_model(base, tokenizer, out / "models" / "base")
+    # Training is float32 throughout; checkpoints ship in bfloat16, as Llama's do.
+    save_model(base, tokenizer, out / "models" / "base", torch.bfloat16)
     for name, examples, steps in (("clinical", radiology, tune_steps),
                                   ("instruct", instructions, 3 * tune_steps)):
-        model = LlamaForCausalLM.from_pretrained(out / "models" / "base")
+        model = copy.deepcopy(base)
         log.info("fine-tuning %s", name)
         train(model, chat_batches(examples), steps, tune_lr, seed + 1, pad)
-        save_model(model, tokenizer, out / "models" / name)
+        save_model(model, tokenizer, out / "models" / name, torch.bfloat16)
     train_texts = {e.prompt for e in instructions} | {
         e.prompt.split("Findings: ", 1)[1] for e in radiology
     }
@@ -206,7 +210,7 @@ def main() -> None:
     parser.add_argument("--base-steps", type=int, default=1500)
     parser.add_argument("--tune-steps", type=int, default=350)
     parser.add_argument("--tune-lr", type=float, default=2e-4)
-    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--hidden-size", type=int, default=256)
     parser.add_argument("--instruction-share", type=float, default=0.05,
                         help="share of instruction examples in the base model's pretraining")
     args = parser.parse_args()

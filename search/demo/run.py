@@ -8,12 +8,14 @@ the selected merge to OUT/export and generates with it through plain transformer
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from mergesearch.errors import MergesearchError
+from search.demo.synthetic import RADIOLOGY_PROMPT
 from search.export import export_trial
 from search.report import build_report
 from search.run import format_report, launch_study
@@ -21,10 +23,6 @@ from search.study import load_study
 
 ASSETS = Path(__file__).parent / "assets"
 _DEMO_FILES = ("spec.yaml", "study.db", "models", "probes", "export")
-SAMPLE_PROMPT = (
-    "Summarize the radiology findings into a short impression.\nFindings: The lungs are clear. "
-    "There is a small left pleural effusion. Heart size is normal. The trachea is midline."
-)
 
 
 def _prepare(out: Path) -> Path:
@@ -72,10 +70,17 @@ def run_demo(out: Path, n_trials: int = 30, echo: Callable[[str], None] = print)
 
     export_dir = out / "export"
     export_trial(study, "best", export_dir, force=True)
-    echo(f"\nexported trial {selected['trial']} to {export_dir}; generating with transformers:")
-    echo(generate_sample(export_dir, SAMPLE_PROMPT))
+    echo(f"\nexported trial {selected['trial']} to {export_dir}; generating with transformers")
+    item = _first_test_item(out / "probes" / "radiology.jsonl")
+    echo(f"findings:   {item['findings']}\nreference:  {item['impression']}\n"
+         f"merged:     {generate_sample(export_dir, RADIOLOGY_PROMPT.format(**item))}")
     echo(f"\nnext: mergesearch report --storage {storage} --study {report['study']} --json")
     return report
+
+
+def _first_test_item(path: Path) -> dict:
+    rows = (json.loads(line) for line in path.read_text().splitlines())
+    return next(row for row in rows if row["split"] == "test")
 
 
 def generate_sample(model_dir: Path, prompt: str) -> str:
