@@ -128,3 +128,17 @@ def test_parent_without_safetensors_is_refused(tmp_path, parents):
     (folder / "model.safetensors").unlink()
     with pytest.raises(ParentError, match="safetensors"):
         Parents({"clinical": parents["clinical"], "pickled": folder})
+
+
+def test_tied_embeddings_merge_once_and_stay_tied(tmp_path, tokenizer):
+    base = make_model(tmp_path / "base", tokenizer, seed=5, tie_word_embeddings=True)
+    make_model(tmp_path / "a", tokenizer, seed=6, base=base, tie_word_embeddings=True)
+    make_model(tmp_path / "b", tokenizer, seed=7, base=base, tie_word_embeddings=True)
+    parents = Parents({"clinical": tmp_path / "a", "instruct": tmp_path / "b"})
+    assert "lm_head.weight" not in parents.names
+    assert parents.layout.outer_genes() == ["embed", "norm"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "b")
+    Materializer(parents).write_into(model, mix(0.0))
+    embed = parents.tensor("clinical", "model.embed_tokens.weight")
+    assert torch.equal(model.lm_head.weight, embed)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
