@@ -21,7 +21,10 @@ def read_records(path: Path, where: str) -> list[dict[str, Any]]:
     if not path.is_file():
         raise ProbeError(f"{where}: probe file {path} does not exist")
     suffix = path.suffix.lower()
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ProbeError(f"{where}: {path} is not UTF-8 text (byte {e.start})") from None
     if suffix == ".jsonl":
         records = []
         for number, line in enumerate(text.splitlines(), start=1):
@@ -40,7 +43,11 @@ def read_records(path: Path, where: str) -> list[dict[str, Any]]:
         except json.JSONDecodeError as e:
             raise ProbeError(f"{path}:{e.lineno}: not valid JSON ({e.msg}) ({where})") from None
         if isinstance(data, dict):
-            data = [{"id": key, **value} for key, value in data.items()]
+            data = [{"id": key, **value} if isinstance(value, dict) else value
+                    for key, value in data.items()]
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise ProbeError(f"{where}: {path} must hold a list of objects, or an object of "
+                             "objects keyed by id")
         records = data
     elif suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as f:

@@ -27,8 +27,8 @@ class WeightsHash:
         self._h = hashlib.sha256()
 
     def update(self, name: str, tensor: torch.Tensor) -> None:
-        cpu = tensor.detach().to("cpu").contiguous()
-        self._h.update(f"{name}|{cpu.dtype}|{tuple(cpu.shape)}|".encode())
+        cpu = tensor.detach().to("cpu").contiguous().reshape(-1)
+        self._h.update(f"{name}|{cpu.dtype}|{tuple(tensor.shape)}|".encode())
         self._h.update(cpu.view(torch.uint8).numpy().tobytes())
 
     def hexdigest(self) -> str:

@@ -35,6 +35,14 @@ def num_hidden_layers(config: dict) -> int:
 
 
 def safetensors_files(folder: Path) -> list[Path]:
+    """The checkpoint's weight files: the shards its index names, or model.safetensors, or
+    (for folders laid out otherwise) every *.safetensors file."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / shard for shard in shards]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ParentError(

@@ -42,7 +42,8 @@ def parse_duration(text: str | None) -> float | None:
 
 
 def _no_traceback_for_ctrl_c(record: logging.LogRecord) -> bool:
-    """Optuna logs a trial stopped by Ctrl-C as failed, with a traceback: keep the line only."""
+    """Optuna (and SQLAlchemy's pool, when Ctrl-C lands mid-query) log the interrupt with a
+    traceback: keep the line only."""
     if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
         record.exc_info = None
     return True
@@ -56,7 +57,7 @@ def _quiet_libraries() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score's chatter
     transformers.utils.logging.disable_progress_bar()
-    for handler in optuna.logging.get_logger("optuna").handlers:
+    for handler in [*optuna.logging.get_logger("optuna").handlers, *logging.getLogger().handlers]:
         handler.addFilter(_no_traceback_for_ctrl_c)
 
 

@@ -9,6 +9,7 @@ interrupted export never leaves a folder that looks complete.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -40,6 +41,8 @@ def export_trial(study: optuna.Study, which: str | int, out_dir: Path, force: bo
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise MergesearchError(f"{out_dir} already exists; choose another folder or pass --force")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MergesearchError(f"{out_dir} is a file, not a folder; choose another OUT_DIR")
     spec = stored_spec(study)
     trial = select_trial(study, which)
     recipe = recipe_of(trial)
@@ -75,9 +78,16 @@ def export_trial(study: optuna.Study, which: str | int, out_dir: Path, force: bo
         }
         (staging / "mergesearch_recipe.json").write_text(json.dumps(record, indent=2) + "\n")
         (staging / "README.md").write_text(_model_card(record))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp made it private
+        if out_dir.exists():  # --force: swap, so an interruption never leaves nothing
+            old = staging.with_name(staging.name.replace(".partial-", ".replaced-"))
+            out_dir.rename(old)
+            staging.rename(out_dir)
+            shutil.rmtree(old)
+        else:
+            staging.rename(out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

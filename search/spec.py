@@ -190,23 +190,29 @@ def parse_spec(data: Any, where: str, lines: dict[tuple, int] | None = None,
 
 def _resolve_paths(spec: StudySpec, base_dir: Path, where: str, lines: dict) -> None:
     for i, parent in enumerate(spec.parents):
-        parent.path = (base_dir / parent.path).resolve()
+        parent.path = (base_dir / parent.path.expanduser()).resolve()
         if not parent.path.is_dir():
             line = lines.get(("parents", i, "path"))
             raise SpecError(f"{where}:{line}: parents[{i}].path: folder {parent.path} does "
                             "not exist; give a Hugging Face model folder (absolute, or "
                             "relative to the spec)")
     for probe in spec.probes:
-        probe.path = (base_dir / probe.path).resolve()
+        probe.path = (base_dir / probe.path.expanduser()).resolve()
     if spec.storage is None:
         spec.storage = f"sqlite:///{(base_dir / 'study.db').resolve()}"
+    elif spec.storage.startswith("sqlite:///") and not spec.storage.startswith("sqlite:////"):
+        # A relative SQLite path means: next to the spec, wherever launch is run from.
+        spec.storage = f"sqlite:///{(base_dir / spec.storage[len('sqlite:///'):]).resolve()}"
 
 
 def load_spec(path: Path | str) -> StudySpec:
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"spec file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SpecError(f"{path}: not UTF-8 text (byte {e.start})") from None
     try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)

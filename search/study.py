@@ -80,21 +80,24 @@ def load_study(storage_url: str, name: str | None, seed: int | None = None) -> o
 
 def create_or_resume(spec: StudySpec, storage_url: str, name: str) -> optuna.Study:
     storage = open_storage(storage_url)
-    sampler = make_sampler(spec, spec.seed)
     if name in study_names(storage):
-        study = optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        study = optuna.load_study(study_name=name, storage=storage)
         _check_same_study(study, spec)
-        log.info("resuming study %s (%d trials so far)", name, len(study.trials))
-        return study
+        done = len(study.trials)
+        log.info("resuming study %s (%d trials so far)", name, done)
+        # A resumed sampler seeded as the first launch would replay its proposals.
+        sampler = make_sampler(spec, (spec.seed + 7919 * done) % 2**31)
+        return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
     try:
-        study = optuna.create_study(study_name=name, storage=storage, sampler=sampler,
+        study = optuna.create_study(study_name=name, storage=storage,
+                                    sampler=make_sampler(spec, spec.seed),
                                     directions=spec.directions)
     except optuna.exceptions.DuplicatedStudyError:  # another launcher won the race
         return create_or_resume(spec, storage_url, name)
+    study.set_user_attr(SPEC_ATTR, spec.to_json_dict())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names([o.name for o in spec.objectives])
-    study.set_user_attr(SPEC_ATTR, spec.to_json_dict())
     log.info("created study %s", name)
     return study
 
@@ -111,11 +114,14 @@ def _check_same_study(study: optuna.Study, spec: StudySpec) -> None:
 
 
 def enqueue_baselines(study: optuna.Study, bench: Workbench) -> None:
-    """Queue each parent alone and the uniform average, once per study."""
-    if any(BASELINE_ATTR in t.user_attrs for t in study.get_trials(deepcopy=False)):
-        return
+    """Queue each parent alone and the uniform average, unless the study already has that
+    baseline done, queued or running (a failed or interrupted one is queued again)."""
+    alive = (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)
+    present = {t.user_attrs.get(BASELINE_ATTR)
+               for t in study.get_trials(deepcopy=False, states=alive)}
     for name, params in bench.space.baselines().items():
-        study.enqueue_trial(params, user_attrs={BASELINE_ATTR: name}, skip_if_exists=True)
+        if name not in present:
+            study.enqueue_trial(params, user_attrs={BASELINE_ATTR: name})
 
 
 def make_objective(bench: Workbench) -> Callable[[optuna.Trial], list[float]]:

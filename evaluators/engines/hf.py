@@ -49,6 +49,8 @@ class HFEngine:
         self.dtype = resolve_dtype(dtype, self.device)
         self.batch_size = batch_size
         self.materializer = materializer
+        if not Path(model_dir).is_dir():
+            raise MergesearchError(f"model folder {model_dir} does not exist")
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token is None:
@@ -99,7 +101,10 @@ class HFEngine:
                 do_sample=False,
                 max_new_tokens=budget,
                 pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=self.tokenizer.eos_token_id,
+                # The model's generation config may list several stop tokens (end of turn and
+                # end of text); only fall back to the tokenizer's when it names none.
+                eos_token_id=self.model.generation_config.eos_token_id
+                or self.tokenizer.eos_token_id,
             )
             new_tokens = generated[:, enc["input_ids"].shape[1] :]
             for i, tokens in zip(batch, new_tokens, strict=True):

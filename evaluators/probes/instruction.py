@@ -40,6 +40,8 @@ class InstructionProbe(Probe):
         path = self.config.path
         doc = {k: field_of(record, k, path, index) for k in ("prompt", "instruction_id_list",
                                                               "kwargs")}
+        if not doc["instruction_id_list"]:
+            raise ProbeError(f"{path}: item {index + 1}: instruction_id_list is empty")
         unknown = [i for i in doc["instruction_id_list"] if i not in self.known]
         if unknown:
             raise ProbeError(f"{path}: item {index + 1}: unknown IFEval instruction {unknown[0]!r}")
