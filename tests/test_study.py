@@ -54,6 +54,11 @@ def test_resume_and_worker_count_toward_one_budget(cli, launched):
     assert json.loads(out)["trials"]["complete"] == 7
     code, out, _ = cli("status", "--storage", launched)
     assert code == 0 and out.count("complete") == 7 and "uniform" in out
+    import optuna
+
+    trials = optuna.load_study(study_name="tiny", storage=launched).trials
+    sampled = [tuple(sorted(t.params.items())) for t in trials if "baseline" not in t.user_attrs]
+    assert len(set(sampled)) == len(sampled), "a resumed run replayed earlier proposals"
 
 
 def cli_spec_path(storage_url: str) -> str:
