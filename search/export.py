@@ -23,7 +23,7 @@ from mergesearch.errors import MergesearchError, StorageError
 from merging import Materializer, Parents
 from merging.materializer import WeightsHash
 from search.report import select_trial
-from search.study import recipe_of, stored_spec, test_values
+from search.study import recipe_of, stored_spec, test_results
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 _SKIP = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "README.md"}
@@ -73,7 +73,7 @@ def export_trial(study: optuna.Study, which: str | int, out_dir: Path, force: bo
             "parents": {p.name: str(p.path) for p in spec.parents},
             "source_parent": spec.source_parent.name,
             "dev": dict(zip([o.name for o in spec.objectives], trial.values, strict=True)),
-            "test": (test_values(study, trial.number) or {}).get("objectives"),
+            "test": test_results(study).get(trial.number, {}).get("objectives"),
             "mergesearch_version": __version__,
         }
         (staging / "mergesearch_recipe.json").write_text(json.dumps(record, indent=2) + "\n")

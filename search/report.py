@@ -10,39 +10,41 @@ from __future__ import annotations
 from typing import Any
 
 import optuna
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from mergesearch.errors import StorageError
-from search.study import BASELINE_ATTR, stored_spec, test_values
+from search.study import BASELINE_ATTR, stored_spec, test_results
 
 
 def _dev(trial: FrozenTrial, names: list[str]) -> dict[str, float]:
     return dict(zip(names, trial.values, strict=True))
 
 
-def _signed_mean(trial: FrozenTrial, directions: list[str]) -> float:
-    signs = [1.0 if d == "maximize" else -1.0 for d in directions]
-    return sum(s * v for s, v in zip(signs, trial.values, strict=True)) / len(signs)
+def _by_signed_mean(study: optuna.Study, trials) -> list[FrozenTrial]:
+    """Trials by the mean of their direction-signed dev objectives, best first, then number."""
+    signs = [1.0 if d == StudyDirection.MAXIMIZE else -1.0 for d in study.directions]
+
+    def key(trial: FrozenTrial) -> tuple[float, int]:
+        signed = sum(s * v for s, v in zip(signs, trial.values, strict=True))
+        return -signed / len(signs), trial.number
+
+    return sorted(trials, key=key)
 
 
 def ranked_best(study: optuna.Study) -> list[FrozenTrial]:
     """The best trial (one objective) or the Pareto set, best signed dev mean first."""
-    directions = [d.name.lower() for d in study.directions]
-    if len(directions) == 1:
+    if len(study.directions) == 1:
         complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         return [study.best_trial] if complete else []
-    front = study.best_trials
-    return sorted(front, key=lambda t: (-_signed_mean(t, directions), t.number))
+    return _by_signed_mean(study, study.best_trials)
 
 
 def top_trials(study: optuna.Study, k: int) -> list[FrozenTrial]:
     """Up to k trials worth a test evaluation: the best (or Pareto set), then runners-up."""
-    directions = [d.name.lower() for d in study.directions]
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     best = ranked_best(study)
-    rest = sorted((t for t in complete if t not in best),
-                  key=lambda t: (-_signed_mean(t, directions), t.number))
-    return (best + rest)[:k]
+    return (best + _by_signed_mean(study, [t for t in complete if t not in best]))[:k]
 
 
 def select_trial(study: optuna.Study, which: str | int) -> FrozenTrial:
@@ -78,8 +80,10 @@ def build_report(study: optuna.Study) -> dict[str, Any]:
     names = [o.name for o in spec.objectives]
     states = [t.state for t in study.get_trials(deepcopy=False)]
 
+    tests = test_results(study)
+
     def entry(trial: FrozenTrial) -> dict[str, Any]:
-        test = test_values(study, trial.number)
+        test = tests.get(trial.number)
         return {
             "trial": trial.number,
             "dev": _dev(trial, names),

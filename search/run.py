@@ -21,8 +21,7 @@ from search.study import (
     load_study,
     run_trials,
     stored_spec,
-    test_values,
-    worker_seed,
+    test_results,
 )
 from search.workbench import Workbench, build_suite
 
@@ -58,9 +57,8 @@ def score_chosen_on_test(study, bench: Workbench) -> None:
 
 def join_study(storage: str, name: str | None, n_trials: int | None,
                timeout: float | None) -> str:
-    study = load_study(storage, name)
+    study = load_study(storage, name, as_worker=True)
     spec = stored_spec(study)
-    study = load_study(storage, study.study_name, seed=worker_seed(spec.seed))
     bench = Workbench.prepare(spec)
     try:
         run_trials(study, bench, n_trials or spec.budget.n_trials,
@@ -98,10 +96,11 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def status_table(storage: str, name: str | None) -> str:
     study = load_study(storage, name)
     names = [o.name for o in stored_spec(study).objectives]
+    tests = test_results(study)
     rows = []
     for t in study.get_trials(deepcopy=False):
         dev = dict(zip(names, t.values, strict=True)) if t.values else None
-        test = (test_values(study, t.number) or {}).get("objectives")
+        test = tests.get(t.number, {}).get("objectives")
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() \
             if t.datetime_complete and t.datetime_start else None
         rows.append([str(t.number), t.state.name.lower(), t.user_attrs.get(BASELINE_ATTR, ""),

@@ -61,20 +61,26 @@ def resolve_study_name(storage: optuna.storages.BaseStorage, name: str | None) -
                        "name one with --study" if names else "no study"))
 
 
+def _spec_from_attrs(attrs: dict, name: str) -> StudySpec:
+    if SPEC_ATTR not in attrs:
+        raise StorageError(f"study {name!r} was not made by mergesearch (no spec)")
+    return parse_spec(attrs[SPEC_ATTR], f"spec stored with study {name!r}")
+
+
 def stored_spec(study: optuna.Study) -> StudySpec:
-    data = study.user_attrs.get(SPEC_ATTR)
-    if data is None:
-        raise StorageError(f"study {study.study_name!r} was not made by mergesearch (no spec)")
-    return parse_spec(data, f"spec stored with study {study.study_name!r}")
+    return _spec_from_attrs(study.user_attrs, study.study_name)
 
 
-def load_study(storage_url: str, name: str | None, seed: int | None = None) -> optuna.Study:
+def load_study(storage_url: str, name: str | None, as_worker: bool = False) -> optuna.Study:
+    """The named (or only) study. `as_worker` gives it the stored spec's sampler, seeded
+    apart from the launcher's, for running trials."""
     storage = open_storage(storage_url, create=False)
     name = resolve_study_name(storage, name)
     sampler = None
-    if seed is not None:
-        sampler = make_sampler(stored_spec(optuna.load_study(study_name=name, storage=storage)),
-                               seed)
+    if as_worker:
+        attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(name))
+        spec = _spec_from_attrs(attrs, name)
+        sampler = make_sampler(spec, worker_seed(spec.seed))
     return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
 
 
@@ -164,8 +170,10 @@ def worker_seed(seed: int) -> int:
 # ---------------------------------------------------------------- test split
 
 
-def test_values(study: optuna.Study, number: int) -> dict | None:
-    return study.user_attrs.get(f"{TEST_ATTR_PREFIX}{number}")
+def test_results(study: optuna.Study) -> dict[int, dict]:
+    """Test-split results by trial number, read in one storage query."""
+    return {int(key.removeprefix(TEST_ATTR_PREFIX)): value
+            for key, value in study.user_attrs.items() if key.startswith(TEST_ATTR_PREFIX)}
 
 
 def evaluate_on_test(study: optuna.Study, bench: Workbench, numbers: list[int]) -> None:
@@ -174,8 +182,9 @@ def evaluate_on_test(study: optuna.Study, bench: Workbench, numbers: list[int]) 
     Results are study attributes `test:<trial number>`: a finished trial is immutable.
     """
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    done = test_results(study)
     for number in numbers:
-        if test_values(study, number) is not None:
+        if number in done:
             continue
         trial = trials[number]
         recipe = recipe_of(trial)
