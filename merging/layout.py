@@ -17,6 +17,8 @@ _MLP_WORDS = ("mlp", "feed_forward", "ffn", "experts")
 _EMBED_WORDS = ("embed", "wte", "wpe")
 _HEAD_WORDS = ("lm_head",)
 
+VOCAB_GENES = ("embed", "lm_head")  # genes whose tensors have one row per token
+
 
 def _layer_index(parts: list[str]) -> int | None:
     for i, part in enumerate(parts):

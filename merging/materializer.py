@@ -2,15 +2,22 @@
 
 It never builds a second model: `tensors()` yields merged tensors one at a time (for export
 and for engines with their own loaders) and `write_into()` copies each into the live
-parameters of a model in place. Arithmetic is float32 per tensor; results are stored in the
-target dtype. Both paths hash exactly the bytes they produce, in tensor-name order, so a
-recipe scored in an engine and later exported can be proven to be the same weights.
+parameters of a model in place, so extra memory stays within a few tensors. Arithmetic is
+float32 per tensor; results are stored in the target dtype. Both paths hash exactly the bytes
+they produce, in tensor-name order, so a recipe scored in an engine and later exported can be
+proven to be the same weights.
+
+Every parameter of every tensor is resolved and checked before the first tensor is merged,
+so a bad recipe fails before anything is written. Random methods (DARE, DELLA) draw their
+masks from a generator seeded by the recipe's seed and the tensor's name: the same recipe
+gives the same bytes on any run and in any tensor order.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -35,6 +42,19 @@ class WeightsHash:
         return self._h.hexdigest()
 
 
+def tensor_seed(recipe_seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"{recipe_seed}|{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """Everything needed to merge one tensor: its resolved method arguments."""
+
+    name: str
+    args: dict[str, float | list[float]]
+
+
 class Materializer:
     def __init__(self, parents: Parents):
         self.parents = parents
@@ -42,37 +62,106 @@ class Materializer:
     def check(self, recipe: MergeRecipe) -> MergeMethod:
         method = get_method(recipe.method)
         known = set(self.parents.folders)
-        for model in (*recipe.models, *([recipe.base] if recipe.base else [])):
+        named = (*recipe.models, *([recipe.base] if recipe.base else []),
+                 *([recipe.vocab_source] if recipe.vocab_source else []))
+        for model in named:
             if model not in known:
                 raise MergesearchError(
                     f"recipe names model {model!r}, which is not a parent "
                     f"(parents: {', '.join(sorted(known))})"
                 )
-        if method.needs_base and recipe.base is None:
+        if method.base == "required" and recipe.base is None:
             raise MergesearchError(f"merge method {method.name!r} needs a base model")
+        if method.base == "ignored" and recipe.base is not None:
+            raise MergesearchError(
+                f"merge method {method.name!r} takes no base model; list {recipe.base!r} "
+                "among the models instead"
+            )
+        if recipe.base is not None and recipe.base in recipe.models:
+            raise MergesearchError(
+                f"base model {recipe.base!r} is also among the models merged onto it"
+            )
+        count = len(recipe.models)
+        if count < method.min_models or (method.max_models and count > method.max_models):
+            most = method.max_models
+            wanted = f"at least {method.min_models}" + (f" and at most {most}" if most else "")
+            if most == method.min_models:
+                wanted = f"exactly {most}"
+            raise MergesearchError(
+                f"merge method {method.name!r} merges {wanted} model(s) besides the base, "
+                f"not {count}"
+            )
+        for scope, settings in [("", recipe.params)] + [
+                (f" for model {m!r}", recipe.model_params.get(m, {})) for m in recipe.models]:
+            for name in settings:
+                param = method.param(name)
+                if scope and not param.per_model:
+                    raise MergesearchError(
+                        f"parameter {name!r} of {method.name!r} is shared by all models; "
+                        f"the recipe sets it{scope}"
+                    )
         return method
 
-    def merged_tensor(self, method: MergeMethod, recipe: MergeRecipe, name: str) -> torch.Tensor:
+    def plan(self, recipe: MergeRecipe) -> tuple[MergeMethod, list[TensorPlan]]:
+        """Resolve and check every parameter of every tensor, before anything is merged."""
+        method = self.check(recipe)
+        plans = []
+        for name in self.parents.names:
+            gene = self.parents.layout.gene(name)
+            args: dict[str, float | list[float]] = {}
+            for param in method.params:
+                models = recipe.models if param.per_model else (None,)
+                values = []
+                for model in models:
+                    where = f"tensor {name!r}" + (f", model {model!r}" if model else "")
+                    value = recipe.value(param.name, gene, name, model)
+                    if value is None:
+                        if param.default is None:
+                            raise MergesearchError(f"{where}: the recipe gives no {param.name!r}")
+                        value = param.default
+                    param.check(value, where)
+                    values.append(value)
+                args[param.name] = values if param.per_model else values[0]
+            plans.append(TensorPlan(name, args))
+        return method, plans
+
+    def merged_tensor(self, method: MergeMethod, recipe: MergeRecipe, plan: TensorPlan
+                      ) -> torch.Tensor:
         """One merged tensor in float32."""
-        gene = self.parents.layout.gene(name)
-        inputs = [self.parents.tensor(m, name).float() for m in recipe.models]
-        base = self.parents.tensor(recipe.base, name).float() if recipe.base else None
-        per_model = {
-            p: [recipe.model_value(m, p, gene) for m in recipe.models] for p in method.model_params
-        }
-        params = {p: recipe.param_value(p, gene, d) for p, d in method.params.items()}
-        return method.merge(inputs, base, **per_model, **params)
+        name = plan.name
+        inputs = [self.parents.tensor(m, name) for m in recipe.models]
+        base = self.parents.tensor(recipe.base, name) if recipe.base else None
+        source = self.parents.tensor(recipe.rows_source, name)
+        everyone = inputs + ([base] if base is not None else []) + [source]
+        if source.dim() and len({t.shape[0] for t in everyone}) > 1:  # vocabularies differ
+            rows = min(t.shape[0] for t in everyone)  # merge the rows every parent has
+            inputs = [t[:rows] for t in inputs]
+            base = base[:rows] if base is not None else None
+        else:
+            rows = source.shape[0] if source.dim() else 0
+        args = dict(plan.args)
+        if method.random:
+            args["generator"] = torch.Generator(source.device).manual_seed(
+                tensor_seed(recipe.seed, name))
+        try:
+            merged = method.merge([t.float() for t in inputs],
+                                  base.float() if base is not None else None, **args)
+        except ValueError as e:
+            raise MergesearchError(f"tensor {name!r}: {e}") from None
+        if rows < source.shape[0]:  # rows only the vocabulary's source model has
+            merged = torch.cat([merged, source[rows:].float()])
+        return merged
 
     def tensors(
         self, recipe: MergeRecipe, dtype: torch.dtype, digest: WeightsHash | None = None
     ) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield (name, merged tensor in `dtype`) in name order, feeding `digest` if given."""
-        method = self.check(recipe)
-        for name in self.parents.names:
-            merged = self.merged_tensor(method, recipe, name).to(dtype)
+        method, plans = self.plan(recipe)
+        for plan in plans:
+            merged = self.merged_tensor(method, recipe, plan).to(dtype)
             if digest is not None:
-                digest.update(name, merged)
-            yield name, merged
+                digest.update(plan.name, merged)
+            yield plan.name, merged
 
     def weights_hash(self, recipe: MergeRecipe, dtype: torch.dtype) -> str:
         digest = WeightsHash()
@@ -83,17 +172,24 @@ class Materializer:
     @torch.no_grad()
     def write_into(self, model: torch.nn.Module, recipe: MergeRecipe) -> str:
         """Write the merged weights into `model`'s own tensors in place; return their hash."""
-        method = self.check(recipe)
+        method, plans = self.plan(recipe)
         targets = model.state_dict(keep_vars=True)
-        missing = [name for name in self.parents.names if name not in targets]
-        if missing:
-            raise MergesearchError(
-                f"the model has no tensor {missing[0]!r} that the parents have; "
-                "is it the same architecture as the parents?"
-            )
+        for plan in plans:
+            target = targets.get(plan.name)
+            if target is None:
+                raise MergesearchError(
+                    f"the model has no tensor {plan.name!r} that the parents have; "
+                    "is it the same architecture as the parents?"
+                )
+            rows = self.parents.tensor(recipe.rows_source, plan.name).shape
+            if target.shape != rows:
+                raise MergesearchError(
+                    f"the model's tensor {plan.name!r} has shape {tuple(target.shape)} but the "
+                    f"merge gives {tuple(rows)} (rows from {recipe.rows_source!r})"
+                )
         digest = WeightsHash()
-        for name in self.parents.names:
-            target = targets[name]
-            target.data.copy_(self.merged_tensor(method, recipe, name))
-            digest.update(name, target.data)
+        for plan in plans:
+            target = targets[plan.name]
+            target.data.copy_(self.merged_tensor(method, recipe, plan))
+            digest.update(plan.name, target.data)
         return digest.hexdigest()

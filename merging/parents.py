@@ -1,20 +1,38 @@
-"""`Parents`: the input checkpoints, checked once to be mergeable, then held in memory.
+"""`Parents`: the input checkpoints, checked once to be mergeable, then held resident.
 
 Weights are read only from safetensors (never unpickled). Every parent must have the same
 architecture, the same tensor names and the same shapes; the first difference is reported
-with the tensor's name and both folders.
+with the tensor's name and both folders. The one allowed difference is the number of rows
+of the embedding and lm_head (parents whose vocabularies differ in size).
+
+Where the weights live is the user's choice (`placement`):
+- `memory`: read into ordinary host memory (default);
+- `mmap`:   memory-mapped from the safetensors files; pages are read on first touch and
+            shared with the OS page cache, so parents larger than RAM still work;
+- `pinned`: page-locked host memory, for fast copies to a GPU;
+- a torch device (`cuda`, `cuda:1`): resident on that device.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
+import struct
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from mergesearch.errors import ParentError
-from merging.layout import ModelLayout
+from merging.layout import VOCAB_GENES, ModelLayout
+
+Tensors = dict[str, torch.Tensor]
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
 
 
 def read_config(folder: Path) -> dict:
@@ -52,8 +70,8 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
+def load_tensors(folder: Path) -> Tensors:
+    tensors: Tensors = {}
     for path in safetensors_files(folder):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
@@ -61,20 +79,76 @@ def load_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def map_tensors(folder: Path) -> Tensors:
+    """Tensors that view memory-mapped safetensors files (copy-on-write, never written)."""
+    tensors: Tensors = {}
+    for path in safetensors_files(folder):
+        with open(path, "rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        (header_len,) = struct.unpack("<Q", mapped[:8])
+        header = json.loads(mapped[8 : 8 + header_len])
+        header.pop("__metadata__", None)
+        for name, info in header.items():
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            start, end = info["data_offsets"]
+            count = (end - start) // dtype.itemsize
+            flat = torch.frombuffer(mapped, dtype=dtype, count=count,
+                                    offset=8 + header_len + start) if count else \
+                torch.empty(0, dtype=dtype)
+            tensors[name] = flat.reshape(info["shape"])
+    return tensors
+
+
+def place(tensors: Tensors, placement: str) -> Tensors:
+    if placement == "memory":
+        return tensors
+    if placement == "pinned":
+        if not torch.cuda.is_available():
+            raise ParentError("placement 'pinned' needs a CUDA GPU; use 'memory' or 'mmap'")
+        return {name: t.pin_memory() for name, t in tensors.items()}
+    try:
+        device = torch.device(placement)
+    except RuntimeError:
+        raise ParentError(
+            f"unknown placement {placement!r}: use memory, mmap, pinned or a device like cuda"
+        ) from None
+    return {name: t.to(device) for name, t in tensors.items()}
+
+
 class Parents:
     """Named parent checkpoints, verified to share architecture, tensor names and shapes."""
 
-    def __init__(self, folders: dict[str, Path]):
+    def __init__(self, folders: dict[str, Path], placement: str = "memory"):
         if not folders:
             raise ParentError("no parent models given")
-        self.folders = {name: Path(folder) for name, folder in folders.items()}
-        self.configs = {name: read_config(folder) for name, folder in self.folders.items()}
+        folders = {name: Path(folder) for name, folder in folders.items()}
+        configs = {name: read_config(folder) for name, folder in folders.items()}
+        self._setup(folders, configs)
         self._check_architectures()
-        self.tensors = {name: load_tensors(folder) for name, folder in self.folders.items()}
-        self._check_tensors()
+        read = map_tensors if placement == "mmap" else load_tensors
+        self._set_tensors({name: read(folder) for name, folder in folders.items()},
+                          placement if placement != "mmap" else "memory")
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensors], config: dict) -> Parents:
+        """Parents given as tensors already in place (for benchmarks and tests); every
+        parent shares `config`."""
+        parents = cls.__new__(cls)
+        parents._setup({name: Path(f"<{name}>") for name in tensors},
+                       {name: config for name in tensors})
+        parents._set_tensors(tensors, "memory")
+        return parents
+
+    def _setup(self, folders: dict[str, Path], configs: dict[str, dict]) -> None:
+        self.folders = folders
+        self.configs = configs
+
+    def _set_tensors(self, tensors: dict[str, Tensors], placement: str) -> None:
+        self.tensors = {name: place(t, placement) for name, t in tensors.items()}
         first = next(iter(self.folders))
         self.names = sorted(self.tensors[first])
         self.layout = ModelLayout.from_names(self.names, num_hidden_layers(self.configs[first]))
+        self._check_tensors()
 
     def _check_architectures(self) -> None:
         (ref_name, ref), *others = self.configs.items()
@@ -100,7 +174,9 @@ class Parents:
                 )
             for tensor_name in sorted(ref):
                 a, b = ref[tensor_name].shape, tensors[tensor_name].shape
-                if a != b:
+                vocab_rows_differ = (self.layout.gene(tensor_name) in VOCAB_GENES
+                                     and a[1:] == b[1:])
+                if a != b and not vocab_rows_differ:
                     raise ParentError(
                         f"tensor {tensor_name!r} has shape {tuple(a)} in parent {ref_name!r} "
                         f"({self.folders[ref_name]}) but {tuple(b)} in {name!r} "
@@ -109,3 +185,8 @@ class Parents:
 
     def tensor(self, parent: str, name: str) -> torch.Tensor:
         return self.tensors[parent][name]
+
+    @property
+    def device(self) -> torch.device:
+        first = next(iter(self.tensors.values()))
+        return next(iter(first.values())).device

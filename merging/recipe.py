@@ -3,7 +3,8 @@
 A recipe names a merge method, the parent models, and the method's parameters. Every
 parameter is either one number or a mapping from gene to number. Genes are hierarchical
 dotted names (`layers.3.attn` falls back to `layers.3`, then to `*`), so a recipe can be as
-coarse or as fine as the search space that produced it.
+coarse or as fine as the search space that produced it. A key may also be a full tensor
+name, which overrides its gene (mergekit configs that filter on names need this).
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ GeneValue = float | dict[str, float]
 DEFAULT_GENE = "*"
 
 
-def resolve_gene_value(value: GeneValue, gene: str) -> float:
-    """The value a parameter takes for `gene`, walking up the gene hierarchy to `*`."""
+def resolve_gene_value(value: GeneValue, gene: str, tensor: str | None = None) -> float | None:
+    """The value a parameter takes for `tensor` of `gene`: the tensor's own entry if there is
+    one, else the gene's, walking up the gene hierarchy to `*`; None if nothing matches."""
     if not isinstance(value, dict):
         return float(value)
+    if tensor is not None and tensor in value:
+        return float(value[tensor])
     key = gene
     while True:
         if key in value:
@@ -28,9 +32,7 @@ def resolve_gene_value(value: GeneValue, gene: str) -> float:
         if "." not in key:
             break
         key = key.rsplit(".", 1)[0]
-    if DEFAULT_GENE in value:
-        return float(value[DEFAULT_GENE])
-    raise KeyError(f"no value for gene {gene!r} (and no {DEFAULT_GENE!r} default)")
+    return float(value[DEFAULT_GENE]) if DEFAULT_GENE in value else None
 
 
 @dataclass(frozen=True)
@@ -43,18 +45,23 @@ class MergeRecipe:
     params: dict[str, GeneValue] = field(default_factory=dict)
     base: str | None = None
     seed: int = 0
+    vocab_source: str | None = None
 
-    def model_value(self, model: str, name: str, gene: str, default: float | None = None) -> float:
-        value = self.model_params.get(model, {}).get(name)
-        if value is None:
-            if default is None:
-                raise KeyError(f"recipe gives no {name!r} for model {model!r}")
-            return default
-        return resolve_gene_value(value, gene)
+    def value(self, name: str, gene: str, tensor: str, model: str | None = None) -> float | None:
+        """Parameter `name` for one tensor: the model's own setting first (when `model` is
+        given), then the recipe-wide one; None when neither covers the tensor."""
+        for scope in ((self.model_params.get(model, {}),) if model else ()) + (self.params,):
+            if name in scope:
+                value = resolve_gene_value(scope[name], gene, tensor)
+                if value is not None:
+                    return value
+        return None
 
-    def param_value(self, name: str, gene: str, default: float) -> float:
-        value = self.params.get(name)
-        return default if value is None else resolve_gene_value(value, gene)
+    @property
+    def rows_source(self) -> str:
+        """The model whose embedding and lm_head rows the merge keeps where parents'
+        vocabularies differ in size."""
+        return self.vocab_source or self.base or self.models[0]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -64,6 +71,7 @@ class MergeRecipe:
             "params": self.params,
             "base": self.base,
             "seed": self.seed,
+            "vocab_source": self.vocab_source,
         }
 
     def to_json(self) -> str:
@@ -78,6 +86,7 @@ class MergeRecipe:
             params=dict(data.get("params", {})),
             base=data.get("base"),
             seed=int(data.get("seed", 0)),
+            vocab_source=data.get("vocab_source"),
         )
 
     @classmethod

@@ -167,6 +167,23 @@ def export(
 
 
 @app.command()
+def merge(
+    config: Annotated[Path, typer.Argument(metavar="CONFIG.yml", help="a mergekit config")],
+    out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR")],
+    force: Annotated[bool, typer.Option(help="replace OUT_DIR if it exists")] = False,
+    placement: Annotated[str, typer.Option(
+        help="where parents live: memory, mmap, pinned, or a device such as cuda")] = "memory",
+) -> None:
+    """Merge models as a mergekit YAML config says and write a Hugging Face folder."""
+    from search.merge_config import merge_config
+
+    record = merge_config(config, out_dir, force, placement)
+    recipe = record["recipe"]
+    typer.echo(f"merged {', '.join(recipe['models'])} with {recipe['method']} "
+               f"({record['weights_dtype']}) into {out_dir}")
+
+
+@app.command()
 def dashboard(
     storage: StorageOpt,
     port: Annotated[int, typer.Option(help="port to serve on")] = 8080,

@@ -1,7 +1,8 @@
 """Export a trial's merge as a Hugging Face folder, proving it is the weights that were scored.
 
 The folder gets the merged weights (safetensors), the source parent's config, tokenizer,
-chat template and generation config, the recipe with its provenance, and a short model card.
+chat template and generation config, the recipe with its provenance, the equivalent
+mergekit config where mergekit can express the recipe, and a short model card.
 It is written under a temporary name beside OUT_DIR and renamed at the end, so an
 interrupted export never leaves a folder that looks complete.
 """
@@ -12,16 +13,19 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import optuna
 import torch
+import yaml
 from safetensors.torch import save_file
 
 from mergesearch import __version__
 from mergesearch.errors import MergesearchError, StorageError
 from merging import Materializer, Parents
 from merging.materializer import WeightsHash
+from merging.mergekit_config import to_mergekit_config
 from search.report import select_trial
 from search.study import recipe_of, stored_spec, test_results
 
@@ -36,48 +40,69 @@ def _copy_model_files(source: Path, dest: Path) -> None:
             shutil.copy2(path, dest / path.name)
 
 
-def export_trial(study: optuna.Study, which: str | int, out_dir: Path, force: bool = False) -> dict:
-    """Write trial `which` (a number or `best`) to `out_dir`; return its provenance record."""
+MAX_SHARD_BYTES = 5 * 2**30
+
+
+def _save_sharded(tensors: Iterator[tuple[str, torch.Tensor]], folder: Path,
+                  max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Stream tensors into safetensors shards of bounded size (one shard in memory at a
+    time): model.safetensors, or model-0000i-of-0000n.safetensors with an index."""
+    shards: list[list[str]] = []
+    shard: dict[str, torch.Tensor] = {}
+    size = total = 0
+
+    def flush() -> None:
+        save_file(shard, str(folder / f"shard-{len(shards)}.tmp"), metadata={"format": "pt"})
+        shards.append(list(shard))
+
+    for name, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and size + nbytes > max_shard_bytes:
+            flush()
+            shard, size = {}, 0
+        shard[name] = tensor.contiguous()
+        size += nbytes
+        total += nbytes
+    flush()
+    if len(shards) == 1:
+        (folder / "shard-0.tmp").rename(folder / "model.safetensors")
+        return
+    weight_map = {}
+    for i, names in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        (folder / f"shard-{i}.tmp").rename(folder / file)
+        weight_map.update(dict.fromkeys(names, file))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def write_model_folder(
+    out_dir: Path,
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    source: Path,
+    dtype: torch.dtype,
+    files: dict[str, str],
+    force: bool = False,
+    check: Callable[[], None] | None = None,
+) -> None:
+    """Write a Hugging Face folder: the tensors, the source model's config and tokenizer
+    (config dtype set to `dtype`) and extra text `files`. It is built under a temporary name
+    beside `out_dir` and renamed into place only when complete (after `check()` passes)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not force:
         raise MergesearchError(f"{out_dir} already exists; choose another folder or pass --force")
     if out_dir.exists() and not out_dir.is_dir():
         raise MergesearchError(f"{out_dir} is a file, not a folder; choose another OUT_DIR")
-    spec = stored_spec(study)
-    trial = select_trial(study, which)
-    recipe = recipe_of(trial)
-    recorded = trial.user_attrs.get("weights_sha256")
-    dtype = getattr(torch, trial.user_attrs.get("weights_dtype", "float32"))
-
-    materializer = Materializer(Parents({p.name: p.path for p in spec.parents}))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        digest = WeightsHash()
-        tensors = dict(materializer.tensors(recipe, dtype, digest))
-        if digest.hexdigest() != recorded:
-            raise StorageError(
-                f"merged weights of trial {trial.number} hash to {digest.hexdigest()[:16]}…, "
-                f"not the {str(recorded)[:16]}… recorded when it was scored; the parents "
-                "on disk are not the ones the study used"
-            )
-        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
-        _copy_model_files(spec.source_parent.path, staging)
+        _save_sharded(tensors, staging)
+        if check is not None:
+            check()
+        _copy_model_files(source, staging)
         _set_config_dtype(staging / "config.json", dtype)
-        record = {
-            "study": study.study_name,
-            "trial": trial.number,
-            "recipe": recipe.to_dict(),
-            "weights_sha256": recorded,
-            "weights_dtype": str(dtype).removeprefix("torch."),
-            "parents": {p.name: str(p.path) for p in spec.parents},
-            "source_parent": spec.source_parent.name,
-            "dev": dict(zip([o.name for o in spec.objectives], trial.values, strict=True)),
-            "test": test_results(study).get(trial.number, {}).get("objectives"),
-            "mergesearch_version": __version__,
-        }
-        (staging / "mergesearch_recipe.json").write_text(json.dumps(record, indent=2) + "\n")
-        (staging / "README.md").write_text(_model_card(record))
+        for name, text in files.items():
+            (staging / name).write_text(text)
         umask = os.umask(0)
         os.umask(umask)
         staging.chmod(0o777 & ~umask)  # mkdtemp made it private
@@ -91,6 +116,46 @@ def export_trial(study: optuna.Study, which: str | int, out_dir: Path, force: bo
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def export_trial(study: optuna.Study, which: str | int, out_dir: Path, force: bool = False) -> dict:
+    """Write trial `which` (a number or `best`) to `out_dir`; return its provenance record."""
+    spec = stored_spec(study)
+    trial = select_trial(study, which)
+    recipe = recipe_of(trial)
+    recorded = trial.user_attrs.get("weights_sha256")
+    dtype = getattr(torch, trial.user_attrs.get("weights_dtype", "float32"))
+    paths = {p.name: p.path for p in spec.parents}
+    parents = Parents(paths)
+    digest = WeightsHash()
+
+    def check() -> None:
+        if digest.hexdigest() != recorded:
+            raise StorageError(
+                f"merged weights of trial {trial.number} hash to {digest.hexdigest()[:16]}…, "
+                f"not the {str(recorded)[:16]}… recorded when it was scored; the parents "
+                "on disk are not the ones the study used"
+            )
+
+    record = {
+        "study": study.study_name,
+        "trial": trial.number,
+        "recipe": recipe.to_dict(),
+        "weights_sha256": recorded,
+        "weights_dtype": str(dtype).removeprefix("torch."),
+        "parents": {name: str(path) for name, path in paths.items()},
+        "source_parent": spec.source_parent.name,
+        "dev": dict(zip([o.name for o in spec.objectives], trial.values, strict=True)),
+        "test": test_results(study).get(trial.number, {}).get("objectives"),
+        "mergesearch_version": __version__,
+    }
+    files = {"mergesearch_recipe.json": json.dumps(record, indent=2) + "\n",
+             "README.md": _model_card(record)}
+    mergekit = to_mergekit_config(recipe, paths, parents.layout, dtype)
+    if mergekit is not None:
+        files["mergekit_config.yml"] = yaml.safe_dump(mergekit, sort_keys=False)
+    write_model_folder(out_dir, Materializer(parents).tensors(recipe, dtype, digest),
+                       spec.source_parent.path, dtype, files, force, check)
     return record
 
 

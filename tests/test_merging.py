@@ -23,8 +23,9 @@ def test_gene_values_fall_back_up_the_hierarchy():
     assert resolve_gene_value(value, "layers.1.mlp") == 0.2
     assert resolve_gene_value(value, "embed") == 0.5
     assert resolve_gene_value(0.3, "anything") == 0.3
-    with pytest.raises(KeyError):
-        resolve_gene_value({"layers.0": 1.0}, "norm")
+    assert resolve_gene_value({"layers.0": 1.0}, "norm") is None
+    assert resolve_gene_value({"layers.0": 1.0, "model.norm.weight": 0.7}, "norm",
+                              "model.norm.weight") == 0.7
 
 
 def test_recipe_json_round_trip():

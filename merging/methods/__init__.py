@@ -1,15 +1,18 @@
 """Registry of merge methods by name: one module per method, each a pure function on tensors.
 
-A method declares the parameters it takes per model (like `weight`) and for the whole merge
-(like `normalize`, with defaults), and whether it needs a base model. The materializer
-resolves each parameter for a tensor's gene and calls `merge(tensors, base, **values)`,
-with per-model parameters passed as lists in the recipe's model order.
+Semantics, parameter names and defaults are mergekit's, so that users' existing recipes mean
+the same thing here. A method declares its parameters (per model, like `weight`, or shared,
+like `lambda`), their defaults and valid ranges, and how it uses a base model. The
+materializer resolves every parameter for a tensor's gene and calls
+`merge(tensors, base, **values)` with float32 tensors, per-model values as lists in the
+recipe's model order, and a seeded `generator` for methods that draw random masks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -17,18 +20,68 @@ from mergesearch.errors import MergesearchError
 
 
 @dataclass(frozen=True)
+class Param:
+    """One method parameter. `default=None` means the recipe must give it."""
+
+    name: str
+    default: float | None = None
+    per_model: bool = False
+    low: float | None = None
+    high: float | None = None
+    boolean: bool = False
+
+    def check(self, value: float, where: str) -> None:
+        if self.boolean and value not in (0.0, 1.0):
+            raise MergesearchError(f"{where}: {self.name} must be true or false, not {value}")
+        if (self.low is not None and value < self.low) or (
+            self.high is not None and value > self.high
+        ):
+            raise MergesearchError(
+                f"{where}: {self.name} = {value} is outside [{self.low}, {self.high}]"
+            )
+
+
+BasePolicy = Literal["required", "optional", "ignored"]
+
+
+@dataclass(frozen=True)
 class MergeMethod:
     name: str
     merge: Callable[..., torch.Tensor]
-    model_params: tuple[str, ...] = ()
-    params: dict[str, float] = field(default_factory=dict)
-    needs_base: bool = False
+    params: tuple[Param, ...]
+    base: BasePolicy = "ignored"
+    min_models: int = 1
+    max_models: int | None = None
+    random: bool = False
+
+    @property
+    def needs_base(self) -> bool:
+        return self.base == "required"
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        known = ", ".join(p.name for p in self.params)
+        raise MergesearchError(
+            f"merge method {self.name!r} has no parameter {name!r} (it takes: {known})"
+        )
+
+    @property
+    def model_params(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if p.per_model)
+
+    @property
+    def shared_params(self) -> tuple[Param, ...]:
+        return tuple(p for p in self.params if not p.per_model)
 
 
 METHODS: dict[str, MergeMethod] = {}
 
 
 def register(method: MergeMethod) -> MergeMethod:
+    if method.name in METHODS:
+        raise ValueError(f"merge method {method.name!r} is registered twice")
     METHODS[method.name] = method
     return method
 
@@ -41,4 +94,11 @@ def get_method(name: str) -> MergeMethod:
         raise MergesearchError(f"unknown merge method {name!r}; known methods: {known}") from None
 
 
-from merging.methods import linear  # noqa: E402,F401  (registers itself)
+# Each module registers its methods on import.
+from merging.methods import (  # noqa: E402,F401
+    linear,
+    model_stock,
+    nuslerp,
+    slerp,
+    task_arithmetic,
+)

@@ -1,10 +1,10 @@
-"""Linear interpolation, mergekit's `linear`."""
+"""Linear interpolation (Wortsman et al. 2022, model soups), mergekit's `linear`."""
 
 from __future__ import annotations
 
 import torch
 
-from merging.methods import MergeMethod, register
+from merging.methods import MergeMethod, Param, register
 
 
 def linear(
@@ -13,17 +13,20 @@ def linear(
     weight: list[float],
     normalize: float = 1.0,
 ) -> torch.Tensor:
-    """merged = sum_i w_i * x_i, divided by sum_i w_i when `normalize` (mergekit's default)."""
-    del base  # linear needs no base model
-    merged = torch.zeros_like(tensors[0])
-    for w, tensor in zip(weight, tensors, strict=True):
-        merged.add_(tensor, alpha=w)
+    """merged = sum_i w_i x_i, divided by sum_i w_i when `normalize` (the default)."""
+    del base  # linear treats every model alike; a base model is one more input
     if normalize:
         total = sum(weight)
         if total == 0.0:
             raise ValueError("linear merge with normalize needs weights that do not sum to zero")
-        merged.div_(total)
+        weight = [w / total for w in weight]
+    merged = torch.mul(tensors[0], weight[0])
+    for w, tensor in zip(weight[1:], tensors[1:], strict=True):
+        merged.add_(tensor, alpha=w)
     return merged
 
 
-register(MergeMethod("linear", linear, model_params=("weight",), params={"normalize": 1.0}))
+register(MergeMethod(
+    "linear", linear,
+    params=(Param("weight", per_model=True), Param("normalize", 1.0, boolean=True)),
+))

@@ -1,0 +1,91 @@
+"""Sparsifiers for task vectors: which entries of a delta survive, and how survivors are
+rescaled. Defaults follow mergekit: a rescaled delta keeps its L1 norm. The papers' variant
+(kept entries divided by their keep probability) is `by_probability=True`."""
+
+from __future__ import annotations
+
+import torch
+
+
+def _rescaled(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
+    masked = delta * mask
+    if not rescale:
+        return masked
+    before, after = delta.abs().sum(), masked.abs().sum()
+    if before < 1e-7 or after < 1e-7:
+        return masked
+    return masked.mul_(before / after)
+
+
+def magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
+    """TIES: keep the max(1, ⌊density·n⌋) largest |entries|."""
+    if density >= 1:
+        return delta
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta)
+    k = max(1, int(density * delta.numel()))
+    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
+    mask[torch.topk(delta.abs().reshape(-1), k, sorted=False).indices] = 1
+    return _rescaled(delta, mask.reshape_as(delta), rescale)
+
+
+def magnitude_outliers(
+    delta: torch.Tensor, density: float, gamma: float, rescale: bool = False
+) -> torch.Tensor:
+    """Breadcrumbs: drop the ⌊gamma·n⌋ largest |entries| (fewer if density needs them),
+    then the smallest, keeping ⌊density·n⌋."""
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    keep = int(density * n)
+    bottom = max(0, n - keep - int(gamma * n))
+    order = torch.argsort(delta.abs().reshape(-1))
+    mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
+    mask[order[bottom : bottom + keep]] = 1
+    return _rescaled(delta, mask.reshape_as(delta), rescale)
+
+
+def random(
+    delta: torch.Tensor,
+    density: float,
+    generator: torch.Generator,
+    rescale: bool = True,
+    by_probability: bool = False,
+) -> torch.Tensor:
+    """DARE: keep each entry with probability `density`."""
+    if density >= 1:
+        return delta
+    mask = torch.bernoulli(torch.full_like(delta, density), generator=generator)
+    if by_probability:
+        return (delta * mask).div_(density)
+    return _rescaled(delta, mask, rescale)
+
+
+def della_magprune(
+    delta: torch.Tensor,
+    density: float,
+    epsilon: float,
+    generator: torch.Generator,
+    rescale: bool = True,
+    by_probability: bool = False,
+) -> torch.Tensor:
+    """DELLA: keep each entry with probability density - ε + 2ε·(rank of |entry| in its row,
+    scaled to [0, 1])."""
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    if density + epsilon >= 1 or density - epsilon <= 0:
+        raise ValueError(
+            f"epsilon = {epsilon} with density = {density}: density ± epsilon must lie in (0, 1)"
+        )
+    shape = delta.shape
+    rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
+    ranks = torch.argsort(torch.argsort(rows.abs(), dim=1), dim=1).to(delta.dtype) + 1
+    low = ranks.min(dim=1, keepdim=True).values
+    high = ranks.max(dim=1, keepdim=True).values
+    probs = (density - epsilon) + ((ranks - low) / (high - low)).clamp(0, 1) * 2 * epsilon
+    mask = torch.bernoulli(probs, generator=generator)
+    if by_probability:
+        return (rows * mask).div_(probs).reshape(shape)
+    return _rescaled(rows, mask, rescale).reshape(shape)
