@@ -1,72 +1,169 @@
 """`SearchSpace`: what Optuna searches, and how a trial's parameters become a recipe.
 
-Linear merges of two parents search one mixing coefficient `t` per gene (the weight of the
-second parent; the first gets 1 - t). With more parents each gets its own weight per gene
-and the merge normalises them. Genes are the layers (`per_layer`) or one value for the whole
-model (`global`), plus `embed`, `norm` and `lm_head` when `outer_genes` is on.
+Any parameter of the merge method can be searched, with one value per gene:
+- per-model mixing weights (`weight`) in `merge.bounds`; a normalised merge of two models
+  (linear, nuslerp) searches one coefficient `t[gene]` instead, the second model's share;
+- `t` of slerp, in `merge.bounds`;
+- every parameter `merge.params` gives a range for (density, lambda, gamma, epsilon, ...);
+  per-model ones get one value per model and gene (`density[clinical][layers.3]`).
+Genes are the layers (`per_layer`), the layers' attention and MLP blocks and the rest of each
+layer (`per_module`), or one value for the whole model (`global`); with `outer_genes`,
+embeddings, final norm and lm_head get values of their own.
 """
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+
 import optuna
 
 from merging.layout import ModelLayout
+from merging.methods import Param, get_method
 from merging.recipe import DEFAULT_GENE, MergeRecipe
-from search.spec import StudySpec
+from search.spec import ParamRange, StudySpec
+
+log = logging.getLogger(__name__)
+
+NORMALISED_PAIR = ("linear", "nuslerp")  # methods whose weights only matter as a ratio
+NEUTRAL = {"density": 1.0, "lambda": 1.0}  # values that make a task-vector merge exact
+
+
+@dataclass(frozen=True)
+class Dimension:
+    """One Optuna parameter: which method parameter, for which model and gene, in what range."""
+
+    param: str
+    model: str | None
+    gene: str
+    low: float
+    high: float
+    label: str | None = None  # `t` for the share of the second model of a normalised pair
+
+    @property
+    def name(self) -> str:
+        model = f"[{self.model}]" if self.model else ""
+        return f"{self.label or self.param}{model}[{self.gene}]"
+
+
+def genes(layout: ModelLayout, granularity: str, outer: bool) -> list[str]:
+    if granularity == "global":
+        inner = [DEFAULT_GENE]
+    elif granularity == "per_module":
+        inner = [f"{g}{kind}" for g in layout.layer_genes() for kind in (".attn", ".mlp", "")]
+    else:
+        inner = layout.layer_genes()
+    if outer:
+        return inner + layout.outer_genes()
+    return inner if granularity == "global" else inner + [DEFAULT_GENE]
 
 
 class SearchSpace:
     def __init__(self, spec: StudySpec, layout: ModelLayout):
-        self.method = spec.merge.method
-        self.parents = [p.name for p in spec.parents]
-        self.low, self.high = spec.merge.bounds
+        merge = spec.merge
+        self.method = get_method(merge.method)
+        self.base = merge.base
+        self.models = [p.name for p in spec.parents if p.name != merge.base]
+        self.vocab_source = spec.source_parent.name
         self.seed = spec.seed
-        genes = layout.layer_genes() if spec.merge.genes == "per_layer" else [DEFAULT_GENE]
-        if spec.merge.outer_genes:
-            genes += layout.outer_genes()
-        elif spec.merge.genes == "per_layer":
-            genes.append(DEFAULT_GENE)  # embed, norm and lm_head share one value
-        self.genes = genes
+        self.pair_t = self.method.name in NORMALISED_PAIR and len(self.models) == 2
+        default_genes = genes(layout, merge.genes, merge.outer_genes)
+        low, high = merge.bounds
+        self.fixed: dict[str, float] = {}
+        self.dimensions: list[Dimension] = []
+        for param in self.method.params:
+            setting = merge.params.get(param.name)
+            if param.name in ("weight", "t"):
+                setting = ParamRange(low=low, high=high)
+            if setting is None:
+                continue
+            if not isinstance(setting, ParamRange):
+                self.fixed[param.name] = setting
+                continue
+            gene_list = (genes(layout, setting.genes, merge.outer_genes) if setting.genes
+                         else default_genes)
+            label = "t" if param.name == "weight" and self.pair_t else None
+            self.dimensions += [
+                Dimension(param.name, model, gene, setting.low, setting.high, label)
+                for model in self._models_of(param) for gene in gene_list]
 
-    def _names(self) -> dict[str, tuple[str, str]]:
-        """Optuna parameter name -> (parent whose weight it sets, gene)."""
-        if len(self.parents) == 2:
-            return {f"t[{gene}]": (self.parents[1], gene) for gene in self.genes}
-        return {f"w[{parent}][{gene}]": (parent, gene)
-                for parent in self.parents for gene in self.genes}
+    def _models_of(self, param: Param) -> list[str | None]:
+        if not param.per_model:
+            return [None]
+        if param.name == "weight" and self.pair_t:
+            return [None]  # one share t for the second model; the first gets 1 - t
+        return list(self.models)
 
     def suggest(self, trial: optuna.Trial) -> MergeRecipe:
-        params = {name: trial.suggest_float(name, self.low, self.high) for name in self._names()}
-        return self.recipe(params)
+        values = {d.name: trial.suggest_float(d.name, d.low, d.high) for d in self.dimensions}
+        return self.recipe(values, trial.number)
 
-    def recipe(self, params: dict[str, float]) -> MergeRecipe:
-        weights: dict[str, dict[str, float]] = {p: {} for p in self.parents}
-        for name, (parent, gene) in self._names().items():
-            weights[parent][gene] = params[name]
-        if len(self.parents) == 2:
-            first, second = self.parents
-            weights[first] = {gene: 1.0 - t for gene, t in weights[second].items()}
+    def recipe(self, values: dict[str, float], number: int = 0) -> MergeRecipe:
+        params: dict[str, dict[str, float] | float] = dict(self.fixed)
+        model_params: dict[str, dict[str, dict[str, float] | float]] = {m: {} for m in self.models}
+        for param in self.method.model_params:
+            if param.name in self.fixed:
+                del params[param.name]
+                for model in self.models:
+                    model_params[model][param.name] = self.fixed[param.name]
+        for d in self.dimensions:
+            value = values[d.name]
+            if d.param == "weight" and self.pair_t:
+                first, second = self.models
+                model_params[first].setdefault("weight", {})[d.gene] = 1.0 - value
+                model_params[second].setdefault("weight", {})[d.gene] = value
+            elif d.model is not None:
+                model_params[d.model].setdefault(d.param, {})[d.gene] = value
+            else:
+                params.setdefault(d.param, {})[d.gene] = value
         return MergeRecipe(
-            method=self.method,
-            models=tuple(self.parents),
-            model_params={p: {"weight": w} for p, w in weights.items()},
-            params={"normalize": 1.0},
-            seed=self.seed,
+            method=self.method.name, models=tuple(self.models), base=self.base,
+            model_params={m: p for m, p in model_params.items() if p}, params=params,
+            seed=self.seed * 1_000_003 + number, vocab_source=self.vocab_source,
         )
 
-    def constant_params(self, weights: dict[str, float]) -> dict[str, float]:
-        """Parameters of the recipe that gives every gene the same parent weights
-        (a parent alone, or the uniform average): the study's warm start."""
-        if len(self.parents) == 2:
-            total = sum(weights.values())
-            return {name: weights[self.parents[1]] / total for name in self._names()}
-        return {name: weights[parent] for name, (parent, _) in self._names().items()}
+    def _constant(self, weights: dict[str, float]) -> dict[str, float] | None:
+        """Optuna values giving every gene the same model weights (t for slerp: the share of
+        the non-base model) and neutral other parameters; None if outside the space."""
+        values = {}
+        for d in self.dimensions:
+            if d.param == "weight" and self.pair_t:
+                value = weights[self.models[1]] / sum(weights.values())
+            elif d.param == "weight":
+                value = weights[d.model]
+            elif d.param == "t":
+                value = weights[self.models[0]]
+            elif d.param in NEUTRAL:
+                value = NEUTRAL[d.param]
+            else:
+                value = d.low
+            if not d.low <= value <= d.high:
+                return None
+            values[d.name] = value
+        if any(self.fixed.get(p, v) != v for p, v in NEUTRAL.items()):
+            return None
+        return values
 
     def baselines(self) -> dict[str, dict[str, float]]:
-        """Warm-start parameter sets by name: each parent alone, then the uniform average."""
-        out = {
-            parent: self.constant_params({p: float(p == parent) for p in self.parents})
-            for parent in self.parents
-        }
-        out["uniform"] = self.constant_params({p: 1.0 for p in self.parents})
+        """Warm-start parameter sets by name, those the space can express exactly: each parent
+        alone (the base too), then the uniform average of the merged models."""
+        n = len(self.models)
+        candidates: dict[str, dict[str, float]] = {}
+        if self.base is not None:
+            candidates[self.base] = dict.fromkeys(self.models, 0.0)
+        for model in self.models:
+            candidates[model] = {m: float(m == model) for m in self.models}
+        candidates["uniform"] = dict.fromkeys(self.models, 1.0 / n)
+        if self.method.name == "slerp":  # t: 0 is the base, 1 the other model
+            candidates = {self.base: {self.models[0]: 0.0}, self.models[0]: {self.models[0]: 1.0},
+                          "uniform": {self.models[0]: 0.5}}
+        elif self.method.name in NORMALISED_PAIR:
+            candidates.pop(self.base, None)  # a normalised merge cannot give the base alone
+        out = {}
+        for name, weights in candidates.items():
+            values = self._constant(weights)
+            if values is None or (self.method.name == "model_stock"):
+                log.info("baseline %s is outside the search space; not enqueued", name)
+                continue
+            out[name] = values
         return out

@@ -15,7 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from evaluators.probes import PROBE_KINDS, AnyProbeConfig
-from mergesearch.errors import SpecError
+from mergesearch.errors import MergesearchError, SpecError
+from merging.methods import get_method
 
 
 class _Strict(BaseModel):
@@ -27,20 +28,61 @@ class ModelRef(_Strict):
     path: Path
 
 
+Granularity = Literal["per_layer", "per_module", "global"]
+
+
+class ParamRange(_Strict):
+    low: float
+    high: float
+    genes: Granularity | None = Field(None, description="default: merge.genes")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ParamRange:
+        if not self.low < self.high:
+            raise ValueError(f"low must be below high, not [{self.low}, {self.high}]")
+        return self
+
+
 class MergeSpec(_Strict):
-    method: Literal["linear"] = "linear"
-    genes: Literal["per_layer", "global"] = "per_layer"
+    method: str = "linear"
+    base: str | None = Field(None, description="parent the task vectors are taken from "
+                             "(task-vector methods, slerp, model_stock)")
+    genes: Granularity = "per_layer"
     outer_genes: bool = Field(True, description="embed, final norm and lm_head as own genes")
-    bounds: tuple[float, float] = (0.0, 1.0)
+    bounds: tuple[float, float] = Field((0.0, 1.0), description="range of weight and t")
+    params: dict[str, float | tuple[float, float] | ParamRange] = Field(
+        default_factory=dict, description="other method parameters: a number fixes one, "
+        "[low, high] or {low, high, genes} searches it")
     source: str | None = Field(
         None, description="parent whose config, tokenizer and chat template the merge uses "
         "(default: the last parent)"
     )
 
     @model_validator(mode="after")
-    def _ordered_bounds(self) -> MergeSpec:
+    def _valid(self) -> MergeSpec:
         if not self.bounds[0] < self.bounds[1]:
             raise ValueError(f"bounds must be [low, high] with low < high, not {self.bounds}")
+        try:
+            method = get_method(self.method)
+            for name, value in self.params.items():
+                param = method.param(name)
+                if name in ("weight", "t"):
+                    raise ValueError(f"params.{name}: set its range with merge.bounds")
+                if isinstance(value, tuple):
+                    self.params[name] = value = ParamRange(low=value[0], high=value[1])
+                if isinstance(value, ParamRange):
+                    if param.boolean:
+                        raise ValueError(f"params.{name} is true/false: fix it, do not search it")
+                    param.check(value.low, f"params.{name}")
+                    param.check(value.high, f"params.{name}")
+                else:
+                    param.check(value, f"params.{name}")
+        except MergesearchError as e:
+            raise ValueError(str(e)) from None
+        if method.base == "required" and self.base is None:
+            raise ValueError(f"method {self.method!r} needs merge.base (a parent's name)")
+        if method.base == "ignored" and self.base is not None:
+            raise ValueError(f"method {self.method!r} takes no base model; remove merge.base")
         return self
 
 
@@ -92,9 +134,17 @@ class StudySpec(_Strict):
         _unique("probes", [p.name for p in self.probes])
         _unique("objectives", [o.name for o in self.objectives])
         parent_names = [p.name for p in self.parents]
-        if self.merge.source is not None and self.merge.source not in parent_names:
-            raise ValueError(f"merge.source {self.merge.source!r} is not a parent "
-                             f"({', '.join(parent_names)})")
+        for key in ("source", "base"):
+            name = getattr(self.merge, key)
+            if name is not None and name not in parent_names:
+                raise ValueError(f"merge.{key} {name!r} is not a parent "
+                                 f"({', '.join(parent_names)})")
+        method = get_method(self.merge.method)
+        count = len(parent_names) - (self.merge.base is not None)
+        if count < method.min_models or (method.max_models and count > method.max_models):
+            raise ValueError(f"method {self.merge.method!r} merges {method.min_models}"
+                             f"{'' if method.max_models == method.min_models else ' or more'}"
+                             f" parent(s) besides the base, not {count}")
         probe_names = {p.name for p in self.probes}
         for i, objective in enumerate(self.objectives):
             for name in objective.probes:
