@@ -88,3 +88,54 @@ def test_command_line_mistakes(cli, write_spec, args, needle, monkeypatch, tmp_p
 def test_unreachable_database(cli):
     code, _, err = cli("report", "--storage", "postgresql://nobody@127.0.0.1:1/none")
     assert code == 2 and "cannot open storage postgresql+psycopg://nobody@127.0.0.1:1/none" in err
+
+
+def test_spec_density_outside_unit_interval(cli, write_spec, tmp_path, parents):
+    spec = write_spec(parents=[{"name": n, "path": str(parents[n])}
+                               for n in ("base", "clinical", "instruct")],
+                      merge={"method": "ties", "base": "base", "params": {"density": [0.2, 1.4]}})
+    assert_refused(cli, tmp_path, spec, "merge", "density = 1.4 is outside [0.0, 1.0]")
+
+
+def test_spec_method_needing_a_base(cli, write_spec, tmp_path):
+    spec = write_spec(merge={"method": "dare_ties"})
+    assert_refused(cli, tmp_path, spec, "merge", "needs merge.base")
+
+
+def _merge_refused(cli, tmp_path, config: dict, *needles):
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump(config))
+    code, out, err = cli("merge", path, tmp_path / "out")
+    assert code == 2, (out, err)
+    assert err.startswith("error: ") and "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_merge_config_mistakes(cli, tmp_path, parents):
+    models = [{"model": str(parents["clinical"])}, {"model": str(parents["instruct"])}]
+    _merge_refused(cli, tmp_path, {"models": models, "merge_method": "ties"},
+                   "needs a base model")
+    _merge_refused(cli, tmp_path, {"models": models, "merge_method": "linear",
+                                   "parameters": {"weight": [0.1, 0.2, 0.3, 0.4, 0.5]}},
+                   "parameters.weight", "5 values", "3 layers")
+    _merge_refused(cli, tmp_path, {"models": models, "merge_method": "ties",
+                                   "base_model": str(parents["base"]),
+                                   "parameters": {"weight": 1.0, "density": 1.5}},
+                   "parameters.density", "outside [0.0, 1.0]")
+    _merge_refused(cli, tmp_path, {"slices": [], "merge_method": "linear"},
+                   "slices", "not supported")
+    _merge_refused(cli, tmp_path, {"models": models, "merge_method": "frankenmerge"},
+                   "merge_method", "unknown merge method 'frankenmerge'")
+    _merge_refused(cli, tmp_path, {"models": [{"model": "nowhere"}] + models[1:],
+                                   "merge_method": "linear"}, "models[0].model", "nowhere")
+
+
+def test_merge_config_with_different_architectures(cli, tmp_path, tokenizer, parents):
+    make_model(tmp_path / "wide", tokenizer, seed=4, hidden_size=48)
+    _merge_refused(cli, tmp_path, {"models": [{"model": str(parents["clinical"])},
+                                              {"model": str(tmp_path / "wide")}],
+                                   "merge_method": "linear", "parameters": {"weight": 1.0}},
+                   "tensor", "(400, 48)")

@@ -2,8 +2,11 @@
 
 import json
 
+import optuna
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tests.conftest import spec_dict
 
 
 @pytest.fixture
@@ -162,3 +165,34 @@ def test_ctrl_c_stops_cleanly_and_the_study_resumes(cli, write_spec, tmp_path):
     assert cli("launch", spec, "--n-trials", str(finished + 2), "--no-test")[0] == 0
     study = optuna.load_study(study_name="tiny", storage=storage)
     assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == finished + 2
+
+
+def test_space_searches_any_parameter_per_module_and_outer_gene(parents, probe_files):
+    from merging.layout import ModelLayout
+    from search.space import SearchSpace
+    from search.spec import StudySpec
+
+    data = spec_dict(parents, probe_files)
+    data["parents"] = [{"name": n, "path": str(parents[n])} for n in ("base", "clinical",
+                                                                      "instruct")]
+    data["merge"] = {"method": "ties", "base": "base", "genes": "per_module",
+                     "params": {"density": [0.2, 1.0], "lambda": {"low": 0.5, "high": 1.5,
+                                                                   "genes": "global"}}}
+    spec = StudySpec.model_validate(data)
+    names = [f"model.layers.{i}.{m}" for i in range(3) for m in
+             ("self_attn.q_proj.weight", "mlp.up_proj.weight", "input_layernorm.weight")]
+    layout = ModelLayout.from_names(names + ["model.embed_tokens.weight", "model.norm.weight",
+                                             "lm_head.weight"], 3)
+    space = SearchSpace(spec, layout)
+    dims = {d.name for d in space.dimensions}
+    assert "density[instruct][layers.1.attn]" in dims and "weight[clinical][lm_head]" in dims
+    assert "density[clinical][layers.2]" in dims and "lambda[*]" in dims
+    # lambda is global inside the layers, with embed, norm and lm_head values of their own
+    assert len(dims) == 2 * 2 * (9 + 3) + 4
+    study = optuna.create_study()
+    recipe = space.suggest(study.ask())
+    assert recipe.base == "base" and recipe.models == ("clinical", "instruct")
+    assert set(recipe.model_params["instruct"]["density"]) >= {"layers.0.mlp", "embed"}
+    baselines = space.baselines()
+    assert set(baselines) == {"base", "clinical", "instruct", "uniform"}
+    assert baselines["clinical"]["density[instruct][layers.0.mlp]"] == 1.0
