@@ -36,10 +36,13 @@ class WeightsHash:
     def update(self, name: str, tensor: torch.Tensor) -> None:
         cpu = tensor.detach().to("cpu").contiguous().reshape(-1)
         self._h.update(f"{name}|{cpu.dtype}|{tuple(tensor.shape)}|".encode())
-        self._h.update(cpu.view(torch.uint8).numpy().tobytes())
+        self._h.update(cpu.view(torch.uint8).numpy())  # hashed in place, not copied
 
     def hexdigest(self) -> str:
         return self._h.hexdigest()
+
+
+CHUNK = 1 << 18  # elements merged at a time by elementwise methods: fits in a core's cache
 
 
 def tensor_seed(recipe_seed: int, name: str) -> int:
@@ -125,6 +128,28 @@ class Materializer:
             plans.append(TensorPlan(name, args))
         return method, plans
 
+    def merge_into(self, method: MergeMethod, recipe: MergeRecipe, plan: TensorPlan,
+                   out: torch.Tensor) -> None:
+        """Merge one tensor into `out` (its final dtype and shape). Elementwise methods go
+        chunk by chunk, converting to float32 only a cache-sized piece at a time; the rest
+        merge the whole tensor in float32."""
+        inputs = [self.parents.tensor(m, plan.name) for m in recipe.models]
+        base = self.parents.tensor(recipe.base, plan.name) if recipe.base else None
+        whole = inputs + ([base] if base is not None else [])
+        if not (method.elementwise and out.is_contiguous()
+                and all(t.shape == out.shape and t.is_contiguous() for t in whole)):
+            out.copy_(self.merged_tensor(method, recipe, plan))
+            return
+        flat_out = out.view(-1)
+        flat_in = [t.view(-1) for t in inputs]
+        flat_base = base.view(-1) if base is not None else None
+        for start in range(0, flat_out.numel(), CHUNK):
+            end = start + CHUNK
+            merged = method.merge(
+                [t[start:end].float() for t in flat_in],
+                flat_base[start:end].float() if flat_base is not None else None, **plan.args)
+            flat_out[start:end].copy_(merged)
+
     def merged_tensor(self, method: MergeMethod, recipe: MergeRecipe, plan: TensorPlan
                       ) -> torch.Tensor:
         """One merged tensor in float32."""
@@ -158,7 +183,9 @@ class Materializer:
         """Yield (name, merged tensor in `dtype`) in name order, feeding `digest` if given."""
         method, plans = self.plan(recipe)
         for plan in plans:
-            merged = self.merged_tensor(method, recipe, plan).to(dtype)
+            rows = self.parents.tensor(recipe.rows_source, plan.name)
+            merged = torch.empty(rows.shape, dtype=dtype, device=rows.device)
+            self.merge_into(method, recipe, plan, merged)
             if digest is not None:
                 digest.update(plan.name, merged)
             yield plan.name, merged
@@ -190,6 +217,6 @@ class Materializer:
         digest = WeightsHash()
         for plan in plans:
             target = targets[plan.name]
-            target.data.copy_(self.merged_tensor(method, recipe, plan))
+            self.merge_into(method, recipe, plan, target.data)
             digest.update(plan.name, target.data)
         return digest.hexdigest()

@@ -53,6 +53,9 @@ class MergeMethod:
     min_models: int = 1
     max_models: int | None = None
     random: bool = False
+    # Each output entry depends only on the same entry of the inputs, so the materializer may
+    # merge a tensor in cache-sized chunks instead of whole (much faster on a CPU).
+    elementwise: bool = False
 
     @property
     def needs_base(self) -> bool:

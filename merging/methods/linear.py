@@ -29,4 +29,5 @@ def linear(
 register(MergeMethod(
     "linear", linear,
     params=(Param("weight", per_model=True), Param("normalize", 1.0, boolean=True)),
+    elementwise=True,
 ))

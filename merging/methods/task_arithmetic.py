@@ -94,6 +94,7 @@ def _variant(name: str, sparsifier: str | None, consensus: bool, normalize: bool
     return MergeMethod(
         name, partial(task_arithmetic, sparsifier=sparsifier, consensus=consensus),
         params=tuple(params), base="required", random=sparsifier in ("random", "della_magprune"),
+        elementwise=sparsifier is None,
     )
 
 
