@@ -133,12 +133,15 @@ class Materializer:
         """Merge one tensor into `out` (its final dtype and shape). Elementwise methods go
         chunk by chunk, converting to float32 only a cache-sized piece at a time; the rest
         merge the whole tensor in float32."""
-        inputs = [self.parents.tensor(m, plan.name) for m in recipe.models]
+        # Parents held in host memory for a GPU target are merged on the GPU.
+        inputs = [self.parents.tensor(m, plan.name).to(out.device, non_blocking=True)
+                  for m in recipe.models]
         base = self.parents.tensor(recipe.base, plan.name) if recipe.base else None
+        base = base.to(out.device, non_blocking=True) if base is not None else None
         whole = inputs + ([base] if base is not None else [])
         if not (method.elementwise and out.is_contiguous()
                 and all(t.shape == out.shape and t.is_contiguous() for t in whole)):
-            out.copy_(self.merged_tensor(method, recipe, plan))
+            out.copy_(self.merged_tensor(method, recipe, plan, out.device))
             return
         flat_out = out.view(-1)
         flat_in = [t.view(-1) for t in inputs]
@@ -150,31 +153,30 @@ class Materializer:
                 flat_base[start:end].float() if flat_base is not None else None, **plan.args)
             flat_out[start:end].copy_(merged)
 
-    def merged_tensor(self, method: MergeMethod, recipe: MergeRecipe, plan: TensorPlan
-                      ) -> torch.Tensor:
-        """One merged tensor in float32."""
+    def merged_tensor(self, method: MergeMethod, recipe: MergeRecipe, plan: TensorPlan,
+                      device: torch.device) -> torch.Tensor:
+        """One merged tensor in float32, computed on `device`."""
         name = plan.name
-        inputs = [self.parents.tensor(m, name) for m in recipe.models]
-        base = self.parents.tensor(recipe.base, name) if recipe.base else None
-        source = self.parents.tensor(recipe.rows_source, name)
-        everyone = inputs + ([base] if base is not None else []) + [source]
-        if source.dim() and len({t.shape[0] for t in everyone}) > 1:  # vocabularies differ
-            rows = min(t.shape[0] for t in everyone)  # merge the rows every parent has
-            inputs = [t[:rows] for t in inputs]
-            base = base[:rows] if base is not None else None
-        else:
-            rows = source.shape[0] if source.dim() else 0
+
+        used = [*recipe.models, *([recipe.base] if recipe.base else [])]
+        held = {m: self.parents.tensor(m, name) for m in {*used, recipe.rows_source}}
+        source = held[recipe.rows_source]
+        rows = source.shape[0] if source.dim() else 0
+        if len({t.shape[0] if t.dim() else 0 for t in held.values()}) > 1:  # vocabularies differ
+            rows = min(t.shape[0] for t in held.values())  # merge the rows every parent has
+            held = {m: t[:rows] for m, t in held.items()}
+        inputs = [held[m].to(device, non_blocking=True).float() for m in recipe.models]
+        base = held[recipe.base].to(device).float() if recipe.base else None
         args = dict(plan.args)
         if method.random:
-            args["generator"] = torch.Generator(source.device).manual_seed(
+            args["generator"] = torch.Generator(device).manual_seed(
                 tensor_seed(recipe.seed, name))
         try:
-            merged = method.merge([t.float() for t in inputs],
-                                  base.float() if base is not None else None, **args)
+            merged = method.merge(inputs, base, **args)
         except ValueError as e:
             raise MergesearchError(f"tensor {name!r}: {e}") from None
         if rows < source.shape[0]:  # rows only the vocabulary's source model has
-            merged = torch.cat([merged, source[rows:].float()])
+            merged = torch.cat([merged, source[rows:].to(device).float()])
         return merged
 
     def tensors(

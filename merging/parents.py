@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import mmap
+import os
 import struct
 from pathlib import Path
 
@@ -113,6 +114,18 @@ def place(tensors: Tensors, placement: str) -> Tensors:
             f"unknown placement {placement!r}: use memory, mmap, pinned or a device like cuda"
         ) from None
     return {name: t.to(device) for name, t in tensors.items()}
+
+
+def auto_placement(folders: dict[str, Path], device: str) -> str:
+    """Where parents go when the user does not say: on the GPU if they take under half of its
+    free memory (else pinned host memory); on a CPU in RAM if they take under half of what
+    is available, else memory-mapped."""
+    size = sum(p.stat().st_size for f in folders.values() for p in safetensors_files(Path(f)))
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return device if size < free / 2 else "pinned"
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return "memory" if size < available / 2 else "mmap"
 
 
 class Parents:

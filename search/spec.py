@@ -108,6 +108,9 @@ class EngineSpec(_Strict):
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     batch_size: int = Field(32, gt=0)
+    parents: Literal["auto", "device", "pinned", "memory", "mmap"] = Field(
+        "auto", description="where parent weights stay resident between trials (auto: on "
+        "the device if they fit in half its free memory, else pinned/host memory or mmap)")
 
 
 class EvaluationSpec(_Strict):

@@ -11,10 +11,12 @@ import logging
 from dataclasses import dataclass
 
 from evaluators.engines import HFEngine
+from evaluators.engines.hf import resolve_device
 from evaluators.probes import Probe, build_probe
 from evaluators.suite import ObjectiveDef, Suite, SuiteResult
 from mergesearch.errors import SpecError
 from merging import Materializer, MergeRecipe, Parents
+from merging.parents import auto_placement
 from search.space import SearchSpace
 from search.spec import StudySpec, probe_where
 
@@ -48,7 +50,12 @@ class Workbench:
     @classmethod
     def prepare(cls, spec: StudySpec) -> Workbench:
         suite = build_suite(spec)
-        parents = Parents({p.name: p.path for p in spec.parents})
+        folders = {p.name: p.path for p in spec.parents}
+        device = resolve_device(spec.engine.device)
+        placement = spec.engine.parents
+        if placement == "auto":
+            placement = auto_placement(folders, device)
+        parents = Parents(folders, device if placement == "device" else placement)
         materializer = Materializer(parents)
         space = SearchSpace(spec, parents.layout)
         engine = HFEngine(
