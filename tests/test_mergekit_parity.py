@@ -137,3 +137,44 @@ def test_exported_config_makes_mergekit_produce_the_recipe(parents, tmp_path):
     assert config is not None
     ours = dict(materializer.tensors(recipe, torch.float32))
     _assert_same(ours, _mergekit_tensors(config, tmp_path / "theirs"))
+
+
+ARCHITECTURES = {
+    "mistral": ("MistralConfig", "MistralForCausalLM", {}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": False}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"tie_word_embeddings": True, "head_dim": 16}),
+    "llama-tied": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": True}),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_other_architectures_match_mergekit(arch, tmp_path):
+    """Layers are found from names and the config alone: Mistral, Qwen2 (attention biases),
+    Gemma (tied embeddings) and tied Llama checkpoints merge as mergekit merges them."""
+    import transformers
+
+    config_name, model_name, extra = ARCHITECTURES[arch]
+    config = getattr(transformers, config_name)(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+        num_attention_heads=2, num_key_value_heads=1, **extra)
+    torch.manual_seed(0)
+    base = getattr(transformers, model_name)(config)
+    folders = {}
+    for i, name in enumerate(("base", "a", "b")):
+        model = getattr(transformers, model_name)(config)
+        model.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.02 * i * torch.randn_like(p))
+        model.save_pretrained(tmp_path / name)
+        folders[name] = tmp_path / name
+    ours_layout = Parents(folders).layout
+    assert ours_layout.num_layers == 3 and "layers.2.attn" in ours_layout.genes_by_tensor.values()
+    config = _with_paths({**CONFIGS["ties"], "merge_method": "ties", "dtype": "float32"},
+                         {"base": folders["base"], "clinical": folders["a"],
+                          "instruct": folders["b"]})
+    path = tmp_path / "config.yml"
+    path.write_text(yaml.safe_dump(config))
+    merge_config(path, tmp_path / "ours")
+    _assert_same(load_file(tmp_path / "ours" / "model.safetensors"),
+                 _mergekit_tensors(config, tmp_path / "theirs"))
