@@ -306,8 +306,6 @@ def to_mergekit_config(recipe: MergeRecipe, paths: dict[str, Path], layout: Mode
                 v not in (None, p.default) for v in _tensor_values(recipe, layout, p.name, None)
                 .values()):
             return None
-    if recipe.vocab_source not in (None, recipe.base):
-        return None
     config: dict[str, Any] = {"merge_method": recipe.method}
     models = []
     for model in recipe.models:
@@ -325,7 +323,8 @@ def to_mergekit_config(recipe: MergeRecipe, paths: dict[str, Path], layout: Mode
         config["parameters"] = top
     config["dtype"] = str(dtype).removeprefix("torch.")
     if recipe.vocab_source:
-        config["tokenizer_source"] = "base"
+        config["tokenizer_source"] = ("base" if recipe.vocab_source == recipe.base
+                                      else str(paths[recipe.vocab_source]))
     if any(v is None for v in top.values()) or any(
             v is None for m in models for v in m.get("parameters", {}).values()):
         return None

@@ -130,7 +130,7 @@ def test_exported_config_makes_mergekit_produce_the_recipe(parents, tmp_path):
                                               "lm_head": 0.3, "norm": 0.7},
                                    "density": {"layers.1": 0.4, "*": 0.8}},
                       "instruct": {"weight": 0.6, "density": 0.5}},
-        params={"lambda": {"layers.2": 1.2, "*": 1.0}})
+        params={"lambda": {"layers.2": 1.2, "*": 1.0}}, vocab_source="instruct")
     paths = {k: parents[k] for k in ("base", "clinical", "instruct")}
     materializer = Materializer(Parents(paths))
     config = to_mergekit_config(recipe, paths, materializer.parents.layout, torch.float32)

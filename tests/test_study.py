@@ -196,3 +196,27 @@ def test_space_searches_any_parameter_per_module_and_outer_gene(parents, probe_f
     baselines = space.baselines()
     assert set(baselines) == {"base", "clinical", "instruct", "uniform"}
     assert baselines["clinical"]["density[instruct][layers.0.mlp]"] == 1.0
+
+
+def test_task_vector_study_end_to_end_with_mergekit_export(cli, write_spec, parents, tmp_path):
+    """A dare_ties study over base + two fine-tunes, density searched per module: baselines
+    include the base, random masks reproduce at export, and export writes the mergekit
+    config that mergekit would run."""
+    import yaml
+
+    spec = write_spec(
+        parents=[{"name": n, "path": str(parents[n])} for n in ("base", "clinical", "instruct")],
+        merge={"method": "dare_ties", "base": "base", "genes": "per_module",
+               "params": {"density": [0.3, 1.0]}})
+    code, _, err = cli("launch", spec, "--n-trials", "6", "--no-test")
+    assert code == 0, err
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    report = json.loads(cli("report", "--storage", storage, "--json")[1])
+    assert [b["name"] for b in report["baselines"]] == ["base", "clinical", "instruct",
+                                                        "uniform"]
+    code, _, err = cli("export", "--storage", storage, "--trial", "5", tmp_path / "out")
+    assert code == 0, err  # the export re-draws the masks and matches the recorded hash
+    config = yaml.safe_load((tmp_path / "out" / "mergekit_config.yml").read_text())
+    assert config["merge_method"] == "dare_ties" and config["base_model"] == str(parents["base"])
+    densities = config["models"][0]["parameters"]["density"]
+    assert any(isinstance(c.get("value"), list) for c in densities)  # per-layer gradients
