@@ -10,9 +10,8 @@ On a random bf16 Llama (`--shape 1b`: 1.10B parameters) it measures, in one run:
       mergekit-evolve's on-disk mode pays per candidate (CPU mode only).
 Targets: linear within 2x of the floor; in-memory per trial at least 20x faster than
 mergekit's per-candidate merge; on GPU, linear within 3x of the HBM floor.
-On CPU the parents are HF folders under --models-dir, made once. With `--device cuda` (shape
-8b = Llama-3.1-8B) or --from-tensors they are made in place, no disk, and handed over with
-`Parents.from_tensors({name: {tensor: t}}, config)`. --record appends to docs/benchmarks.md.
+CPU parents are HF folders made once under --models-dir; with `--device cuda` (shape 8b) or
+--from-tensors they are made in place, no disk, and passed to `Parents.from_tensors`.
 """
 
 from __future__ import annotations
@@ -24,7 +23,6 @@ import os
 import resource
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -39,12 +37,9 @@ sys.path.insert(0, str(REPO))
 from merging import Materializer, MergeRecipe, Parents  # noqa: E402
 from merging.methods import METHODS  # noqa: E402
 
-SHAPES = {  # all with 32 heads, 8 kv heads, untied embeddings; tiny is a smoke test
-    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, vocab_size=1000),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, vocab_size=32000),
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-               vocab_size=128256),
-}
+# (hidden, intermediate, layers, vocab), all with 32 heads, 8 kv heads, untied embeddings.
+SHAPES = {"tiny": (256, 512, 2, 1000), "1b": (2048, 8192, 16, 32000),  # tiny: a smoke test
+          "8b": (4096, 14336, 32, 128256)}  # Llama-3.1-8B
 RECIPES = {
     "linear": MergeRecipe(method="linear", models=("a", "b"),
                           model_params={"a": {"weight": 0.4}, "b": {"weight": 0.6}}),
@@ -53,10 +48,7 @@ RECIPES = {
                         model_params={"a": {"weight": 0.5, "density": 0.5},
                                       "b": {"weight": 0.5, "density": 0.5}}),
 }
-
-
-def uses(recipe: MergeRecipe) -> set[str]:
-    return {*recipe.models, *([recipe.base] if recipe.base else [])}
+USES = {m: {*r.models, *([r.base] if r.base else [])} for m, r in RECIPES.items()}  # parents
 
 
 def mergekit_config(method: str, paths: dict[str, Path]) -> dict:
@@ -94,17 +86,15 @@ def random_state(shapes: dict, device: str, seed: int, base: dict | None = None)
 
 
 def make_parents(config: LlamaConfig, needed: set[str], args) -> tuple[Parents, dict | None]:
-    """The parents `needed` (of base, a, b), with their folders: read from HF folders (saved
-    on the first run), or made on args.device and handed over with Parents.from_tensors."""
+    """The `needed` ones of base, a, b, and their HF folders (None if made in place)."""
     shapes = {k: v.shape for k, v in empty_model(config, "meta").state_dict().items()}
     order = [name for name in ("base", "a", "b") if name in needed]
     if args.from_tensors:
         if not hasattr(Parents, "from_tensors"):
             sys.exit("this mode needs Parents.from_tensors({name: {tensor: t}}, config)")
         made = {"base": random_state(shapes, args.device, 0)}
-        for seed, name in enumerate("ab", start=1):
-            if name in needed:
-                made[name] = random_state(shapes, args.device, seed, made["base"])
+        made |= {name: random_state(shapes, args.device, seed, made["base"])
+                 for seed, name in enumerate("ab", start=1) if name in needed}
         return Parents.from_tensors({n: made[n] for n in order}, config.to_dict()), None
     root = args.models_dir / args.shape
     paths, made = {name: root / name for name in ("base", "a", "b")}, {}
@@ -124,7 +114,7 @@ def make_parents(config: LlamaConfig, needed: set[str], args) -> tuple[Parents, 
     return Parents({name: paths[name] for name in order}), paths
 
 
-def timed(fn, device: str) -> float:
+def timed(fn, device: str = "cpu") -> float:
     """Seconds that `fn()` takes, with the GPU (if any) synchronised before and after."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     sync()
@@ -142,11 +132,12 @@ def copy_bandwidth(device: str, nbytes: int = 1 << 30, repeats: int = 10) -> flo
 
 
 def time_ours(parents: Parents, model, recipe: MergeRecipe, repeats: int, device: str):
-    """Median seconds of one write_into, after a warm-up."""
+    """Median seconds of one write_into (the upper one for an even count), after a warm-up."""
     materializer = Materializer(parents)
     materializer.write_into(model, recipe)
-    return statistics.median(timed(lambda: materializer.write_into(model, recipe), device)
-                             for _ in range(repeats))
+    times = sorted(timed(lambda: materializer.write_into(model, recipe), device)
+                   for _ in range(repeats))
+    return times[len(times) // 2]
 
 
 def time_mergekit(method: str, paths: dict, work: Path) -> float | None:
@@ -173,26 +164,24 @@ def main() -> None:
                     help="make the parents in memory, no disk (implied by --device cuda)")
     ap.add_argument("--methods", default="linear,slerp,ties")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     ap.add_argument("--no-mergekit", action="store_true")
     ap.add_argument("--record", action="store_true", help="append to docs/benchmarks.md")
     args = ap.parse_args()
     run_start, cuda = time.perf_counter(), args.device.startswith("cuda")
     args.shape = args.shape or ("8b" if cuda else "1b")
     args.from_tensors = args.from_tensors or args.device != "cpu"
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    config = LlamaConfig(**SHAPES[args.shape], num_attention_heads=32, num_key_value_heads=8,
+    hidden, intermediate, layers, vocab = SHAPES[args.shape]
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate, vocab_size=vocab,
+                         num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=8,
                          tie_word_embeddings=False, dtype="bfloat16",
                          architectures=["LlamaForCausalLM"])
     methods = [m for m in args.methods.split(",") if m in METHODS]
     notes = [f"- {m}: not registered in merging.methods.METHODS, skipped"
              for m in args.methods.split(",") if m not in METHODS]
-    if notes:
-        print("\n".join(notes), flush=True)
+    print(*notes, sep="\n", flush=True)
     if not methods:
         sys.exit("no method to time")
-    parents, paths = make_parents(config, set().union(*(uses(RECIPES[m]) for m in methods)), args)
+    parents, paths = make_parents(config, set().union(*(USES[m] for m in methods)), args)
     setup_s = time.perf_counter() - run_start
     model = empty_model(config, args.device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -201,7 +190,7 @@ def main() -> None:
     rows = []  # (method, seconds, bytes moved)
     for method in methods:
         moved = target_bytes + sum(parents.tensor(p, n).nbytes
-                                   for p in uses(RECIPES[method]) for n in parents.names)
+                                   for p in USES[method] for n in parents.names)
         try:
             seconds = time_ours(parents, model, RECIPES[method], args.repeats, args.device)
         except Exception as exc:  # a method under development may fail: say so, go on
@@ -217,25 +206,19 @@ def main() -> None:
     gc.collect()
 
     mergekit = {}
-    if paths is None or args.no_mergekit:
-        notes.append("- mergekit: not run (" + ("--no-mergekit" if args.no_mergekit else
-                                                 "parents made in memory, none on disk") + ")")
-    elif importlib.util.find_spec("mergekit") is None:
-        notes.append("- mergekit: not importable in this environment, skipped")
+    if args.no_mergekit or paths is None or importlib.util.find_spec("mergekit") is None:
+        notes.append("- mergekit: not run (--no-mergekit, no parents on disk, or not importable)")
     else:
         for method, _, _ in rows:
             mergekit[method] = time_mergekit(method, paths, args.models_dir.parent)
             print(f"{method}: mergekit {mergekit[method]} s", flush=True)
-        start = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import mergekit.merge"], check=True)
-        notes.append(f"- mergekit-yaml: one run per method, output written under "
-                     f"{args.models_dir.parent} and deleted; of its time, python + `import "
-                     f"mergekit.merge` alone takes {time.perf_counter() - start:.1f} s")
+        startup = timed(lambda: subprocess.run([sys.executable, "-c", "import mergekit.merge"]))
+        notes.append(f"- mergekit-yaml: one run per method, its output deleted; of its time, "
+                     f"python + `import mergekit.merge` alone take {startup:.1f} s")
 
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     where = torch.cuda.get_device_name() if cuda else f"{os.uname().machine} CPU"
-    exe = os.path.relpath(sys.executable)
-    command = shlex.join([sys.executable if exe.startswith("..") else exe, *sys.argv])
+    command = shlex.join([os.path.relpath(sys.executable), *sys.argv])
     lines = [
         f"Machine: {os.cpu_count()} cores, {ram:.0f} GiB RAM, {where}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads. Command: `{command}`",
@@ -251,7 +234,7 @@ def main() -> None:
     for method, seconds, moved in rows:
         floor, mk = moved / bandwidth, mergekit.get(method)
         mk_cells = f"{mk:.1f} | {mk / seconds:.1f}x" if mk else "- | -"
-        ms = [f"{x * 1e3:.0f}" if x >= 0.1 else f"{x * 1e3:.2f}" for x in (seconds, floor)]
+        ms = [f"{x * 1e3:.0f}" if x >= 0.01 else f"{x * 1e3:.2f}" for x in (seconds, floor)]
         lines.append(f"| {method} | {ms[0]} | {ms[1]} | {seconds / floor:.1f}x | {mk_cells} |")
     block = "\n".join(lines + ([""] + notes if notes else []))
     print("\n" + block)

@@ -16,7 +16,10 @@ gives the same bytes on any run and in any tensor order.
 from __future__ import annotations
 
 import hashlib
+import os
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -27,18 +30,40 @@ from merging.parents import Parents
 from merging.recipe import MergeRecipe
 
 
+def _sha256(data) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
 class WeightsHash:
-    """sha256 over (name, dtype, shape, bytes) of each tensor, fed in a fixed order."""
+    """sha256 over (name, dtype, shape, sha256 of each 64 MiB piece of the bytes) of each
+    tensor, fed in a fixed order. Pieces are hashed on a thread pool (hashlib releases the
+    GIL), alongside the merging of the next tensors, so hashing a model takes about its size
+    over (cores × 2 GB/s) instead of its size over 2 GB/s."""
+
+    PIECE = 64 * 2**20
+    WORKERS = os.cpu_count() or 1
+    _pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="weights-hash")
 
     def __init__(self) -> None:
         self._h = hashlib.sha256()
+        self._pending: deque[Future | bytes] = deque()
 
     def update(self, name: str, tensor: torch.Tensor) -> None:
-        cpu = tensor.detach().to("cpu").contiguous().reshape(-1)
-        self._h.update(f"{name}|{cpu.dtype}|{tuple(tensor.shape)}|".encode())
-        self._h.update(cpu.view(torch.uint8).numpy())  # hashed in place, not copied
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._pending.append(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        for start in range(0, max(len(data), 1), self.PIECE):
+            piece = data[start : start + self.PIECE]
+            self._pending.append(self._pool.submit(_sha256, piece))
+        while len(self._pending) > 4 * self.WORKERS:  # bound the bytes held for hashing
+            self._fold()
+
+    def _fold(self) -> None:
+        item = self._pending.popleft()
+        self._h.update(item if isinstance(item, bytes) else item.result())
 
     def hexdigest(self) -> str:
+        while self._pending:
+            self._fold()
         return self._h.hexdigest()
 
 
