@@ -30,36 +30,41 @@ from merging.parents import Parents
 from merging.recipe import MergeRecipe
 
 
-def _sha256(data) -> bytes:
-    return hashlib.sha256(data).digest()
+def _piece_digests(tensor: torch.Tensor, piece: int) -> bytes:
+    """sha256 of each `piece`-byte piece of the tensor's bytes, concatenated."""
+    data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+    return b"".join(hashlib.sha256(data[i : i + piece]).digest()
+                    for i in range(0, max(len(data), 1), piece))
 
 
 class WeightsHash:
     """sha256 over (name, dtype, shape, sha256 of each 64 MiB piece of the bytes) of each
-    tensor, fed in a fixed order. Pieces are hashed on a thread pool (hashlib releases the
-    GIL), alongside the merging of the next tensors, so hashing a model takes about its size
-    over (cores × 2 GB/s) instead of its size over 2 GB/s."""
+    tensor, fed in a fixed order.
+
+    Tensors are hashed on a thread pool (hashlib and torch's copies release the GIL), so the
+    hash of a trial's weights is computed while the engine scores them: `update` returns at
+    once and `hexdigest` waits. The tensors must not change until `hexdigest` returns."""
 
     PIECE = 64 * 2**20
-    WORKERS = os.cpu_count() or 1
-    _pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="weights-hash")
+    _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="hash")
 
-    def __init__(self) -> None:
+    def __init__(self, max_pending: int | None = 2 * (os.cpu_count() or 1)) -> None:
+        """`max_pending`: tensors held for hashing at most (None: no bound, for tensors that
+        live on anyway, like a model's own parameters)."""
         self._h = hashlib.sha256()
-        self._pending: deque[Future | bytes] = deque()
+        self._pending: deque[tuple[bytes, Future]] = deque()
+        self._max_pending = max_pending
 
     def update(self, name: str, tensor: torch.Tensor) -> None:
-        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._pending.append(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        for start in range(0, max(len(data), 1), self.PIECE):
-            piece = data[start : start + self.PIECE]
-            self._pending.append(self._pool.submit(_sha256, piece))
-        while len(self._pending) > 4 * self.WORKERS:  # bound the bytes held for hashing
+        header = f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode()
+        self._pending.append((header, self._pool.submit(_piece_digests, tensor, self.PIECE)))
+        while self._max_pending is not None and len(self._pending) > self._max_pending:
             self._fold()
 
     def _fold(self) -> None:
-        item = self._pending.popleft()
-        self._h.update(item if isinstance(item, bytes) else item.result())
+        header, digests = self._pending.popleft()
+        self._h.update(header)
+        self._h.update(digests.result())
 
     def hexdigest(self) -> str:
         while self._pending:
@@ -155,15 +160,17 @@ class Materializer:
 
     def merge_into(self, method: MergeMethod, recipe: MergeRecipe, plan: TensorPlan,
                    out: torch.Tensor) -> None:
-        """Merge one tensor into `out` (its final dtype and shape). Elementwise methods go
-        chunk by chunk, converting to float32 only a cache-sized piece at a time; the rest
-        merge the whole tensor in float32."""
+        """Merge one tensor into `out` (its final dtype and shape): with the method's
+        single-pass kernel where it has one that applies; elementwise methods chunk by chunk,
+        converting to float32 only a cache-sized piece at a time; the rest whole, in float32."""
         # Parents held in host memory for a GPU target are merged on the GPU.
         inputs = [self.parents.tensor(m, plan.name).to(out.device, non_blocking=True)
                   for m in recipe.models]
         base = self.parents.tensor(recipe.base, plan.name) if recipe.base else None
         base = base.to(out.device, non_blocking=True) if base is not None else None
         whole = inputs + ([base] if base is not None else [])
+        if method.into is not None and method.into(inputs, base, out, **plan.args):
+            return
         if not (method.elementwise and out.is_contiguous()
                 and all(t.shape == out.shape and t.is_contiguous() for t in whole)):
             out.copy_(self.merged_tensor(method, recipe, plan, out.device))
@@ -224,8 +231,9 @@ class Materializer:
         return digest.hexdigest()
 
     @torch.no_grad()
-    def write_into(self, model: torch.nn.Module, recipe: MergeRecipe) -> str:
-        """Write the merged weights into `model`'s own tensors in place; return their hash."""
+    def write_into(self, model: torch.nn.Module, recipe: MergeRecipe) -> WeightsHash:
+        """Write the merged weights into `model`'s own tensors in place. Returns their hash,
+        still being computed in the background: call `hexdigest()` before the next write."""
         method, plans = self.plan(recipe)
         targets = model.state_dict(keep_vars=True)
         for plan in plans:
@@ -241,9 +249,9 @@ class Materializer:
                     f"the model's tensor {plan.name!r} has shape {tuple(target.shape)} but the "
                     f"merge gives {tuple(rows)} (rows from {recipe.rows_source!r})"
                 )
-        digest = WeightsHash()
+        digest = WeightsHash(max_pending=None)  # the parameters outlive the hashing
         for plan in plans:
             target = targets[plan.name]
             self.merge_into(method, recipe, plan, target.data)
             digest.update(plan.name, target.data)
-        return digest.hexdigest()
+        return digest

@@ -73,9 +73,9 @@ class Workbench:
 
     def score(self, recipe: MergeRecipe, split: str) -> tuple[str, SuiteResult]:
         """Load the recipe into the engine and evaluate it; return (weights hash, result)."""
-        weights_hash = self.engine.load_recipe(recipe)
+        weights_hash = self.engine.load_recipe(recipe)  # hashed while the suite runs
         result = self.suite.evaluate(self.engine, split, self.spec.evaluation.chunk_size)
-        return weights_hash, result
+        return weights_hash.hexdigest(), result
 
     def objective_values(self, result: SuiteResult) -> list[float]:
         return [result.objectives[o.name] for o in self.spec.objectives]

@@ -32,6 +32,9 @@ CONFIGS = {
     "linear": {"models": [{"model": "clinical", "parameters": {"weight": LAYER_GRADIENT}},
                           {"model": "instruct", "parameters": {"weight": [0.3, 0.7, 0.5]}},
                           {"model": "base", "parameters": {"weight": 0.2}}]},
+    "linear_pair": {"merge_method": "linear",  # two models: the single-pass lerp kernel
+                    "models": [{"model": "clinical", "parameters": {"weight": [0.2, 0.9]}},
+                               {"model": "instruct", "parameters": {"weight": 0.6}}]},
     "slerp": {"models": [{"model": "base"}, {"model": "instruct"}], "base_model": "base",
               "parameters": {"t": LAYER_GRADIENT}},
     "nuslerp": {"models": [{"model": "clinical", "parameters": {"weight": [1.0, 0.2]}},
@@ -83,7 +86,7 @@ def _with_paths(config: dict, parents: dict[str, Path]) -> dict:
 
 @pytest.mark.parametrize("method", sorted(CONFIGS))
 def test_merge_command_matches_mergekit(method, parents, tmp_path):
-    config = _with_paths({**CONFIGS[method], "merge_method": method, "dtype": "float32"},
+    config = _with_paths({"merge_method": method, **CONFIGS[method], "dtype": "float32"},
                          parents)
     path = tmp_path / "config.yml"
     path.write_text(yaml.safe_dump(config))

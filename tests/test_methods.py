@@ -152,3 +152,16 @@ def test_a_recipe_with_a_bad_value_fails_before_anything_is_written(parents):
         materializer.write_into(model, recipe)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[name])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_single_pass_kernel_agrees_with_float32_arithmetic(dtype):
+    gen = torch.Generator().manual_seed(3)
+    x, y = (torch.randn(300, 70, generator=gen).to(dtype) for _ in range(2))
+    method = get_method("linear")
+    out = torch.empty_like(x)
+    assert method.into([x, y], None, out, weight=[0.3, 0.9])
+    reference = method.merge([x.float(), y.float()], None, weight=[0.3, 0.9]).to(dtype)
+    step = 2**-7 if dtype == torch.bfloat16 else 1e-6  # one bf16 rounding step, relative
+    torch.testing.assert_close(out.float(), reference.float(), rtol=step, atol=step)
+    assert not method.into([x, y, y], None, out, weight=[1.0, 1.0, 1.0])  # three: chunked

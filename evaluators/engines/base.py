@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from merging.materializer import WeightsHash
 from merging.recipe import MergeRecipe
 
 
@@ -21,8 +22,9 @@ class GenerationRequest:
 class Engine(Protocol):
     tokenizer: Any
 
-    def load_recipe(self, recipe: MergeRecipe) -> str:
-        """Make the engine's model the recipe's merge, in place; return the weights' hash."""
+    def load_recipe(self, recipe: MergeRecipe) -> WeightsHash:
+        """Make the engine's model the recipe's merge, in place; return the weights' hash,
+        which may still be computing while the engine generates (`hexdigest()` waits)."""
         ...
 
     def generate(self, requests: list[GenerationRequest]) -> list[str]: ...

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evaluators.engines.base import GenerationRequest
 from mergesearch.errors import MergesearchError
-from merging.materializer import Materializer
+from merging.materializer import Materializer, WeightsHash
 from merging.recipe import MergeRecipe
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ class HFEngine:
         self.dtype = resolve_dtype(dtype, self.device)
         self.batch_size = batch_size
         self.materializer = materializer
+        self._weights_hash: WeightsHash | None = None
         if not Path(model_dir).is_dir():
             raise MergesearchError(f"model folder {model_dir} does not exist")
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -59,10 +60,13 @@ class HFEngine:
         self.model.to(self.device).eval()
         log.info("loaded %s on %s as %s", model_dir, self.device, self.dtype)
 
-    def load_recipe(self, recipe: MergeRecipe) -> str:
+    def load_recipe(self, recipe: MergeRecipe) -> WeightsHash:
         if self.materializer is None:
             raise MergesearchError("this engine was started without parents to merge")
-        return self.materializer.write_into(self.model, recipe)
+        if self._weights_hash is not None:
+            self._weights_hash.hexdigest()  # the last hash must finish reading the weights
+        self._weights_hash = self.materializer.write_into(self.model, recipe)
+        return self._weights_hash
 
     def format(self, request: GenerationRequest) -> str:
         """The prompt as the model sees it: through the chat template where it has one."""

@@ -56,6 +56,9 @@ class MergeMethod:
     # Each output entry depends only on the same entry of the inputs, so the materializer may
     # merge a tensor in cache-sized chunks instead of whole (much faster on a CPU).
     elementwise: bool = False
+    # Optional single-pass kernel: writes the merge straight into `out` (its own dtype) and
+    # returns True, or returns False where it does not apply.
+    into: Callable[..., bool] | None = None
 
     @property
     def needs_base(self) -> bool:

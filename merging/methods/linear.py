@@ -26,8 +26,27 @@ def linear(
     return merged
 
 
+def linear_into(
+    tensors: list[torch.Tensor],
+    base: torch.Tensor | None,
+    out: torch.Tensor,
+    weight: list[float],
+    normalize: float = 1.0,
+) -> bool:
+    """Two models, normalised, stored in `out`'s dtype: out = lerp(x_0, x_1, w_1/(w_0+w_1)),
+    one pass over memory (the kernel computes in float32 for half-precision tensors)."""
+    del base
+    if len(tensors) != 2 or not normalize or sum(weight) == 0.0:
+        return False
+    if any(t.dtype != out.dtype or t.device != out.device or t.shape != out.shape
+           for t in tensors):
+        return False
+    torch.lerp(tensors[0], tensors[1], weight[1] / sum(weight), out=out)
+    return True
+
+
 register(MergeMethod(
     "linear", linear,
     params=(Param("weight", per_model=True), Param("normalize", 1.0, boolean=True)),
-    elementwise=True,
+    elementwise=True, into=linear_into,
 ))
