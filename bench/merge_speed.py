@@ -5,7 +5,8 @@ On a random bf16 Llama (`--shape 1b`: 1.10B parameters) it measures, in one run:
       (median of --repeats after a warm-up; a method not in METHODS is skipped);
   (b) the floor: the bytes a trial must move (each parent the recipe uses read once in its
       stored dtype, plus the target written once) over the copy bandwidth of the same run
-      (`dst.copy_(src)` on 1 GiB, 2*bytes/time, best of 10 before and 10 after the trials);
+      (`dst.copy_(src)` on 1 GiB, 2*bytes/time, best of 10 before and 10 after the trials;
+      on a shared 2-vCPU VM it swings between ~45 and ~75 GB/s with the host's load);
   (c) `mergekit-yaml CONFIG OUT` on the same merge, as subprocess wall time: what a user of
       mergekit-evolve's on-disk mode pays per candidate (CPU mode only).
 Targets: linear within 2x of the floor; in-memory per trial at least 20x faster than

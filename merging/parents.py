@@ -72,11 +72,13 @@ def safetensors_files(folder: Path) -> list[Path]:
 
 
 def load_tensors(folder: Path) -> Tensors:
+    """Tensors read into process memory (recent safetensors hands out views of a mapped file;
+    cloning makes them resident whatever the version)."""
     tensors: Tensors = {}
     for path in safetensors_files(folder):
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
-                tensors[name] = f.get_tensor(name)
+                tensors[name] = f.get_tensor(name).clone()
     return tensors
 
 
