@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from mergesearch.errors import MergesearchError
-from merging.methods import MergeMethod, get_method
+from merging.methods import CHUNK, MergeMethod, get_method
 from merging.parents import Parents
 from merging.recipe import MergeRecipe
 
@@ -70,9 +70,6 @@ class WeightsHash:
         while self._pending:
             self._fold()
         return self._h.hexdigest()
-
-
-CHUNK = 1 << 18  # elements merged at a time by elementwise methods: fits in a core's cache
 
 
 def tensor_seed(recipe_seed: int, name: str) -> int:

@@ -18,6 +18,8 @@ import torch
 
 from mergesearch.errors import MergesearchError
 
+CHUNK = 1 << 18  # elements merged at a time by chunked kernels: fits in a core's cache
+
 
 @dataclass(frozen=True)
 class Param:

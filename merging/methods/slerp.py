@@ -6,39 +6,54 @@ import math
 
 import torch
 
-from merging.methods import MergeMethod, Param, register
+from merging.methods import CHUNK, MergeMethod, Param, register
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
 
 
-def slerp_pair(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
-    """Slerp of two whole tensors, each flattened to one vector; nearly collinear pairs
-    (|cos| > 0.9995) interpolate linearly."""
-    norm0 = torch.linalg.vector_norm(v0).item()
-    norm1 = torch.linalg.vector_norm(v1).item()
+def slerp_coefficients(t: float, norm0: float, norm1: float, dot: float) -> tuple[float, float]:
+    """(c0, c1) with slerp = c0·v0 + c1·v1, from the norms of v0, v1 and their dot product;
+    nearly collinear pairs (|cos| > 0.9995) interpolate linearly."""
     norm0 = norm0 if norm0 > EPS else 1.0
     norm1 = norm1 if norm1 > EPS else 1.0
-    dot = torch.dot(v0.reshape(-1), v1.reshape(-1)).item() / (norm0 * norm1)
-    dot = min(1.0, max(-1.0, dot))
-    if abs(dot) > DOT_THRESHOLD:
-        c0, c1 = 1.0 - t, t
-    else:
-        theta = math.acos(dot)
-        c0 = math.sin((1.0 - t) * theta) / math.sin(theta)
-        c1 = math.sin(t * theta) / math.sin(theta)
-    merged = torch.mul(v0, c0)
-    return merged.add_(v1, alpha=c1)
+    cos = min(1.0, max(-1.0, dot / (norm0 * norm1)))
+    if abs(cos) > DOT_THRESHOLD:
+        return 1.0 - t, t
+    theta = math.acos(cos)
+    return math.sin((1.0 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
 
 
 def slerp(tensors: list[torch.Tensor], base: torch.Tensor | None, t: float) -> torch.Tensor:
     """merged = sin((1-t)θ)/sinθ · base + sin(tθ)/sinθ · x, θ the angle between base and x."""
     (other,) = tensors
     assert base is not None
-    return slerp_pair(t, base, other)
+    v0, v1 = base.reshape(-1), other.reshape(-1)
+    c0, c1 = slerp_coefficients(t, v0.norm().item(), v1.norm().item(), v0.dot(v1).item())
+    return torch.mul(base, c0).add_(other, alpha=c1)
+
+
+def slerp_into(tensors: list[torch.Tensor], base: torch.Tensor | None, out: torch.Tensor,
+               t: float) -> bool:
+    """The same, in two passes over the stored tensors (statistics, then the combination),
+    converting to float32 a cache-sized chunk at a time."""
+    (other,) = tensors
+    if not (base.is_contiguous() and other.is_contiguous() and out.is_contiguous()):
+        return False
+    v0, v1, flat = base.view(-1), other.view(-1), out.view(-1)
+    stats = torch.zeros(3, dtype=torch.float64, device=out.device)  # |v0|², |v1|², v0·v1
+    for start in range(0, flat.numel(), CHUNK):
+        a, b = v0[start : start + CHUNK].float(), v1[start : start + CHUNK].float()
+        stats += torch.stack([a.dot(a), b.dot(b), a.dot(b)])
+    sq0, sq1, dot = stats.tolist()  # one device sync per tensor
+    c0, c1 = slerp_coefficients(t, math.sqrt(sq0), math.sqrt(sq1), dot)
+    for start in range(0, flat.numel(), CHUNK):
+        a, b = v0[start : start + CHUNK].float(), v1[start : start + CHUNK]
+        flat[start : start + CHUNK].copy_(a.mul_(c0).add_(b.float(), alpha=c1))
+    return True
 
 
 register(MergeMethod(
     "slerp", slerp, params=(Param("t", low=0.0, high=1.0),),
-    base="required", min_models=1, max_models=1,
+    base="required", min_models=1, max_models=1, into=slerp_into,
 ))
