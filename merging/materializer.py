@@ -111,16 +111,7 @@ class Materializer:
             raise MergesearchError(
                 f"base model {recipe.base!r} is also among the models merged onto it"
             )
-        count = len(recipe.models)
-        if count < method.min_models or (method.max_models and count > method.max_models):
-            most = method.max_models
-            wanted = f"at least {method.min_models}" + (f" and at most {most}" if most else "")
-            if most == method.min_models:
-                wanted = f"exactly {most}"
-            raise MergesearchError(
-                f"merge method {method.name!r} merges {wanted} model(s) besides the base, "
-                f"not {count}"
-            )
+        method.check_model_count(len(recipe.models))
         for scope, settings in [("", recipe.params)] + [
                 (f" for model {m!r}", recipe.model_params.get(m, {})) for m in recipe.models]:
             for name in settings:

@@ -142,12 +142,11 @@ class StudySpec(_Strict):
             if name is not None and name not in parent_names:
                 raise ValueError(f"merge.{key} {name!r} is not a parent "
                                  f"({', '.join(parent_names)})")
-        method = get_method(self.merge.method)
-        count = len(parent_names) - (self.merge.base is not None)
-        if count < method.min_models or (method.max_models and count > method.max_models):
-            raise ValueError(f"method {self.merge.method!r} merges {method.min_models}"
-                             f"{'' if method.max_models == method.min_models else ' or more'}"
-                             f" parent(s) besides the base, not {count}")
+        try:
+            get_method(self.merge.method).check_model_count(
+                len(parent_names) - (self.merge.base is not None))
+        except MergesearchError as e:
+            raise ValueError(str(e)) from None
         probe_names = {p.name for p in self.probes}
         for i, objective in enumerate(self.objectives):
             for name in objective.probes:

@@ -75,6 +75,17 @@ class MergeMethod:
             f"merge method {self.name!r} has no parameter {name!r} (it takes: {known})"
         )
 
+    def check_model_count(self, count: int) -> None:
+        most = self.max_models
+        if self.min_models <= count and (most is None or count <= most):
+            return
+        wanted = f"at least {self.min_models}" + (f" and at most {most}" if most else "")
+        if most == self.min_models:
+            wanted = f"exactly {most}"
+        raise MergesearchError(
+            f"merge method {self.name!r} merges {wanted} model(s) besides the base, not {count}"
+        )
+
     @property
     def model_params(self) -> tuple[Param, ...]:
         return tuple(p for p in self.params if p.per_model)
