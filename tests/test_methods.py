@@ -165,3 +165,12 @@ def test_linear_single_pass_kernel_agrees_with_float32_arithmetic(dtype):
     step = 2**-7 if dtype == torch.bfloat16 else 1e-6  # one bf16 rounding step, relative
     torch.testing.assert_close(out.float(), reference.float(), rtol=step, atol=step)
     assert not method.into([x, y, y], None, out, weight=[1.0, 1.0, 1.0])  # three: chunked
+
+
+@pytest.mark.parametrize("k", [1, 1000, 600_000, 1_999_999])
+def test_top_k_mask_matches_a_full_sort_on_large_tensors(k):
+    values = torch.randn(2_000_000, generator=torch.Generator().manual_seed(4)).abs()
+    values[:1000] *= 50  # a heavy tail, so the sampled bracket is not trivially right
+    expected = torch.zeros_like(values, dtype=torch.bool)
+    expected[torch.argsort(values, descending=True)[:k]] = True
+    assert torch.equal(sp.top_k_mask(values, k), expected)

@@ -17,6 +17,38 @@ def _rescaled(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.T
     return masked.mul_(before / after)
 
 
+SAMPLE = 1 << 16
+
+
+def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the k largest of a 1-D tensor. A full top-k over a large tensor is
+    slow on a CPU; a seeded sample brackets the threshold instead, and the exact top-k runs
+    only within the bracket (falling back to the full one if the bracket misses)."""
+    n = values.numel()
+    mask = torch.zeros(n, dtype=torch.bool, device=values.device)
+    if k <= 0:
+        return mask
+    if k >= n:
+        return mask.fill_(True)
+    if n <= 16 * SAMPLE:
+        mask[torch.topk(values, k, sorted=False).indices] = True
+        return mask
+    gen = torch.Generator(values.device).manual_seed(0)
+    sample = values[torch.randint(n, (SAMPLE,), generator=gen, device=values.device)]
+    q = 1.0 - k / n
+    bounds = torch.tensor([max(q - 0.01, 0.0), min(q + 0.01, 1.0)], device=values.device)
+    low, high = torch.quantile(sample, bounds).tolist()
+    above = values > high
+    need = k - int(above.sum())
+    band = torch.nonzero((values >= low) & ~above).flatten()
+    if need < 0 or need > band.numel():
+        mask[torch.topk(values, k, sorted=False).indices] = True
+        return mask
+    mask |= above
+    mask[band[torch.topk(values[band], need, sorted=False).indices]] = True
+    return mask
+
+
 def magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
     """TIES: keep the max(1, ⌊density·n⌋) largest |entries|."""
     if density >= 1:
@@ -24,9 +56,8 @@ def magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> tor
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta)
     k = max(1, int(density * delta.numel()))
-    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
-    mask[torch.topk(delta.abs().reshape(-1), k, sorted=False).indices] = 1
-    return _rescaled(delta, mask.reshape_as(delta), rescale)
+    mask = top_k_mask(delta.abs().reshape(-1), k).reshape_as(delta)
+    return _rescaled(delta, mask.to(delta.dtype), rescale)
 
 
 def magnitude_outliers(
@@ -38,11 +69,10 @@ def magnitude_outliers(
         return delta
     n = delta.numel()
     keep = int(density * n)
-    bottom = max(0, n - keep - int(gamma * n))
-    order = torch.argsort(delta.abs().reshape(-1))
-    mask = torch.zeros(n, dtype=delta.dtype, device=delta.device)
-    mask[order[bottom : bottom + keep]] = 1
-    return _rescaled(delta, mask.reshape_as(delta), rescale)
+    top = n - keep - max(0, n - keep - int(gamma * n))  # outliers dropped: ⌊gamma·n⌋ or fewer
+    magnitudes = delta.abs().reshape(-1)
+    mask = top_k_mask(magnitudes, keep + top) & ~top_k_mask(magnitudes, top)
+    return _rescaled(delta, mask.reshape_as(delta).to(delta.dtype), rescale)
 
 
 def random(
