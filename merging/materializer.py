@@ -45,6 +45,7 @@ class WeightsHash:
     hash of a trial's weights is computed while the engine scores them: `update` returns at
     once and `hexdigest` waits. The tensors must not change until `hexdigest` returns."""
 
+    FORMAT = "v2"  # recorded with each hash: v1 hashed the bytes whole, with no pieces
     PIECE = 64 * 2**20
     _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="hash")
 
@@ -143,6 +144,11 @@ class Materializer:
                     param.check(value, where)
                     values.append(value)
                 args[param.name] = values if param.per_model else values[0]
+            if method.validate is not None:
+                try:
+                    method.validate(args)
+                except ValueError as e:
+                    raise MergesearchError(f"tensor {name!r}: {e}") from None
             plans.append(TensorPlan(name, args))
         return method, plans
 
@@ -191,22 +197,21 @@ class Materializer:
         if method.random:
             args["generator"] = torch.Generator(device).manual_seed(
                 tensor_seed(recipe.seed, name))
-        try:
-            merged = method.merge(inputs, base, **args)
-        except ValueError as e:
-            raise MergesearchError(f"tensor {name!r}: {e}") from None
+        merged = method.merge(inputs, base, **args)
         if rows < source.shape[0]:  # rows only the vocabulary's source model has
             merged = torch.cat([merged, source[rows:].to(device).float()])
         return merged
 
     def tensors(
-        self, recipe: MergeRecipe, dtype: torch.dtype, digest: WeightsHash | None = None
+        self, recipe: MergeRecipe, dtype: torch.dtype, digest: WeightsHash | None = None,
+        device: torch.device | str | None = None,
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (name, merged tensor in `dtype`) in name order, feeding `digest` if given."""
+        """Yield (name, merged tensor in `dtype`) in name order, feeding `digest` if given.
+        Merged on `device` (default: where the parents are held)."""
         method, plans = self.plan(recipe)
         for plan in plans:
             rows = self.parents.tensor(recipe.rows_source, plan.name)
-            merged = torch.empty(rows.shape, dtype=dtype, device=rows.device)
+            merged = torch.empty(rows.shape, dtype=dtype, device=device or rows.device)
             self.merge_into(method, recipe, plan, merged)
             if digest is not None:
                 digest.update(plan.name, merged)
@@ -224,6 +229,7 @@ class Materializer:
         still being computed in the background: call `hexdigest()` before the next write."""
         method, plans = self.plan(recipe)
         targets = model.state_dict(keep_vars=True)
+        written: dict[int, str] = {}
         for plan in plans:
             target = targets.get(plan.name)
             if target is None:
@@ -236,6 +242,12 @@ class Materializer:
                 raise MergesearchError(
                     f"the model's tensor {plan.name!r} has shape {tuple(target.shape)} but the "
                     f"merge gives {tuple(rows)} (rows from {recipe.rows_source!r})"
+                )
+            other = written.setdefault(target.data_ptr(), plan.name)
+            if other != plan.name:  # tied in the model, separate in the parents
+                raise MergesearchError(
+                    f"the model's tensors {other!r} and {plan.name!r} share memory, but the "
+                    "parents hold them apart; is tie_word_embeddings the same in all configs?"
                 )
         digest = WeightsHash(max_pending=None)  # the parameters outlive the hashing
         for plan in plans:

@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from mergesearch.errors import ParentError
+from mergesearch.devices import resolve_device
+from mergesearch.errors import MergesearchError, ParentError
 from merging.layout import VOCAB_GENES, ModelLayout
 
 Tensors = dict[str, torch.Tensor]
@@ -110,10 +111,11 @@ def place(tensors: Tensors, placement: str) -> Tensors:
             raise ParentError("placement 'pinned' needs a CUDA GPU; use 'memory' or 'mmap'")
         return {name: t.pin_memory() for name, t in tensors.items()}
     try:
-        device = torch.device(placement)
-    except RuntimeError:
+        device = resolve_device(placement, "placement")
+    except MergesearchError:
         raise ParentError(
-            f"unknown placement {placement!r}: use memory, mmap, pinned or a device like cuda"
+            f"unknown placement {placement!r}: use memory, mmap, pinned or a GPU this machine "
+            "has, like cuda"
         ) from None
     return {name: t.to(device) for name, t in tensors.items()}
 

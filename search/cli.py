@@ -154,6 +154,9 @@ def export(
     study: StudyOpt = None,
     trial: Annotated[str, typer.Option(help="trial number, or best")] = "best",
     force: Annotated[bool, typer.Option(help="replace OUT_DIR if it exists")] = False,
+    device: Annotated[str, typer.Option(
+        help="device to rebuild the merge on: auto (the kind it was scored on, if here), "
+             "cpu, cuda")] = "auto",
 ) -> None:
     """Write a trial's merged model as a Hugging Face folder."""
     from search.export import export_trial
@@ -161,9 +164,12 @@ def export(
 
     if trial != "best" and not trial.isdigit():
         raise MergesearchError(f"--trial {trial!r}: give a trial number or best")
-    record = export_trial(load_study(storage, study), trial, out_dir, force)
+    record = export_trial(load_study(storage, study), trial, out_dir, force, device)
     typer.echo(f"exported trial {record['trial']} to {out_dir} "
                f"(weights sha256 {record['weights_sha256'][:16]}…)")
+    if record["weights_verified"] is not True:
+        typer.echo(f"warning: weights not compared with the scored trial's: "
+                   f"{record['weights_verified']}", err=True)
 
 
 @app.command()

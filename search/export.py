@@ -22,12 +22,13 @@ import yaml
 from safetensors.torch import save_file
 
 from mergesearch import __version__
-from mergesearch.errors import MergesearchError, StorageError
+from mergesearch.devices import resolve_device
+from mergesearch.errors import MergesearchError
 from merging import Materializer, Parents
 from merging.materializer import WeightsHash
 from merging.mergekit_config import to_mergekit_config
 from search.report import select_trial
-from search.study import recipe_of, stored_spec, test_results
+from search.study import recipe_of, stored_spec, test_results, verify_weights
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 _SKIP = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "README.md"}
@@ -60,7 +61,7 @@ def _save_sharded(tensors: Iterator[tuple[str, torch.Tensor]], folder: Path,
         if shard and size + nbytes > max_shard_bytes:
             flush()
             shard, size = {}, 0
-        shard[name] = tensor.contiguous()
+        shard[name] = tensor.to("cpu").contiguous()
         size += nbytes
         total += nbytes
     flush()
@@ -118,44 +119,54 @@ def write_model_folder(
         raise
 
 
-def export_trial(study: optuna.Study, which: str | int, out_dir: Path, force: bool = False) -> dict:
-    """Write trial `which` (a number or `best`) to `out_dir`; return its provenance record."""
+def export_trial(study: optuna.Study, which: str | int, out_dir: Path, force: bool = False,
+                 device: str = "auto") -> dict:
+    """Write trial `which` (a number or `best`) to `out_dir`; return its provenance record.
+
+    The merge is rebuilt on `device`; `auto` is the kind of device the trial was merged on
+    when this machine has one (only then can its bytes be proven the same), else the CPU."""
     spec = stored_spec(study)
     trial = select_trial(study, which)
     recipe = recipe_of(trial)
-    recorded = trial.user_attrs.get("weights_sha256")
-    dtype = getattr(torch, trial.user_attrs.get("weights_dtype", "float32"))
+    dtype_name = trial.user_attrs.get("weights_dtype", "float32")
+    dtype = getattr(torch, dtype_name)
+    if device == "auto":
+        scored_on = trial.user_attrs.get("weights_device", "cpu")
+        device = scored_on if resolve_device("auto") == scored_on else "cpu"
+    device = resolve_device(device, "--device")
     paths = {p.name: p.path for p in spec.parents}
     parents = Parents(paths)
     digest = WeightsHash()
-
-    def check() -> None:
-        if digest.hexdigest() != recorded:
-            raise StorageError(
-                f"merged weights of trial {trial.number} hash to {digest.hexdigest()[:16]}…, "
-                f"not the {str(recorded)[:16]}… recorded when it was scored; the parents "
-                "on disk are not the ones the study used"
-            )
-
     record = {
         "study": study.study_name,
         "trial": trial.number,
         "recipe": recipe.to_dict(),
-        "weights_sha256": recorded,
-        "weights_dtype": str(dtype).removeprefix("torch."),
+        "weights_sha256": None,
+        "weights_dtype": dtype_name,
+        "weights_device": torch.device(device).type,
+        "weights_verified": None,
         "parents": {name: str(path) for name, path in paths.items()},
         "source_parent": spec.source_parent.name,
         "dev": dict(zip([o.name for o in spec.objectives], trial.values, strict=True)),
         "test": test_results(study).get(trial.number, {}).get("objectives"),
         "mergesearch_version": __version__,
     }
-    files = {"mergesearch_recipe.json": json.dumps(record, indent=2) + "\n",
-             "README.md": _model_card(record)}
+    files: dict[str, str] = {}
+
+    def check() -> None:  # runs once every tensor is written, before the folder is named
+        record["weights_sha256"] = digest.hexdigest()
+        rebuilt = {"weights_dtype": dtype_name, "weights_device": record["weights_device"],
+                   "weights_hash_format": WeightsHash.FORMAT}
+        unverified = verify_weights(trial, record["weights_sha256"], rebuilt)
+        record["weights_verified"] = unverified or True
+        files["mergesearch_recipe.json"] = json.dumps(record, indent=2) + "\n"
+        files["README.md"] = _model_card(record)
+
     mergekit = to_mergekit_config(recipe, paths, parents.layout, dtype)
     if mergekit is not None:
         files["mergekit_config.yml"] = yaml.safe_dump(mergekit, sort_keys=False)
-    write_model_folder(out_dir, Materializer(parents).tensors(recipe, dtype, digest),
-                       spec.source_parent.path, dtype, files, force, check)
+    tensors = Materializer(parents).tensors(recipe, dtype, digest, device=device)
+    write_model_folder(out_dir, tensors, spec.source_parent.path, dtype, files, force, check)
     return record
 
 
@@ -166,6 +177,12 @@ def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
         if key in config:
             config[key] = name
     path.write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _verified(verified: bool | str) -> str:
+    if verified is True:
+        return "the same bytes as the trial scored"
+    return f"not compared with the trial's weights: {verified}"
 
 
 def _model_card(record: dict) -> str:
@@ -185,6 +202,7 @@ of {', '.join(f'`{n}`' for n in record['parents'])}; config and tokenizer from
 {scores}
 
 Weights sha256 ({record['weights_dtype']}): `{record['weights_sha256']}`
+({_verified(record['weights_verified'])})
 
 The full recipe and parent paths are in `mergesearch_recipe.json`.
 """

@@ -10,12 +10,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import torch
+
 from evaluators.engines import HFEngine
-from evaluators.engines.hf import resolve_device
 from evaluators.probes import Probe, build_probe
 from evaluators.suite import ObjectiveDef, Suite, SuiteResult
+from mergesearch.devices import resolve_device
 from mergesearch.errors import SpecError
 from merging import Materializer, MergeRecipe, Parents
+from merging.materializer import WeightsHash
 from merging.parents import auto_placement
 from search.space import SearchSpace
 from search.spec import StudySpec, probe_where
@@ -51,7 +54,7 @@ class Workbench:
     def prepare(cls, spec: StudySpec) -> Workbench:
         suite = build_suite(spec)
         folders = {p.name: p.path for p in spec.parents}
-        device = resolve_device(spec.engine.device)
+        device = resolve_device(spec.engine.device, "engine.device")
         placement = spec.engine.parents
         if placement == "auto":
             placement = auto_placement(folders, device)
@@ -67,9 +70,14 @@ class Workbench:
         )
         return cls(spec, parents, materializer, suite, space, engine)
 
-    @property
-    def weights_dtype(self) -> str:
-        return str(self.engine.dtype).removeprefix("torch.")
+    def weights_attrs(self, digest: str) -> dict[str, str]:
+        """What a trial records about its merged weights, so that an export can prove it
+        rebuilt the same bytes (bytes can be compared only when merged on the same kind of
+        device: arithmetic and random masks differ between a CPU and a GPU)."""
+        return {"weights_sha256": digest,
+                "weights_dtype": str(self.engine.dtype).removeprefix("torch."),
+                "weights_device": torch.device(self.engine.device).type,
+                "weights_hash_format": WeightsHash.FORMAT}
 
     def score(self, recipe: MergeRecipe, split: str) -> tuple[str, SuiteResult]:
         """Load the recipe into the engine and evaluate it; return (weights hash, result)."""

@@ -138,6 +138,43 @@ def test_parents_with_different_vocabulary_sizes_merge_common_rows(tmp_path, tok
             torch.testing.assert_close(merged[name][:rows], 0.7 * ours + 0.3 * theirs[:rows])
             if source == "bigger":
                 torch.testing.assert_close(merged[name][rows:], theirs[rows:])
+    slerped = dict(materializer.tensors(
+        MergeRecipe(method="slerp", models=("bigger",), base="clinical", params={"t": 0.4},
+                    vocab_source="bigger"), torch.float32))
+    name = "model.embed_tokens.weight"
+    ours, theirs = base.state_dict()[name], bigger.state_dict()[name]
+    expected = get_method("slerp").merge([theirs[:rows]], ours, t=0.4)
+    torch.testing.assert_close(slerped[name], torch.cat([expected, theirs[rows:]]))
+
+
+def _recipe(name: str) -> MergeRecipe:
+    """A valid recipe of method `name` over the tiny parents."""
+    method = get_method(name)
+    if name == "slerp":
+        return MergeRecipe(method=name, models=("instruct",), base="clinical",
+                           params={"t": 0.3})
+    per_model = {"weight": 0.6, "density": 0.5, "gamma": 0.05, "epsilon": 0.1}
+    return MergeRecipe(
+        method=name, models=("clinical", "instruct"),
+        base=None if method.base == "ignored" else "base",
+        model_params={m: {k: v for k, v in per_model.items()
+                          if k in {p.name for p in method.model_params}}
+                      for m in ("clinical", "instruct")})
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_merging_never_changes_the_parents(name, parents):
+    """Float32 parents are the very tensors a kernel converts 'to float32': an in-place step
+    there would corrupt every later trial."""
+    held = Parents(dict(parents))
+    before = {m: {k: t.clone() for k, t in ts.items()} for m, ts in held.tensors.items()}
+    materializer = Materializer(held)
+    first = materializer.weights_hash(_recipe(name), torch.float32)
+    model = LlamaForCausalLM.from_pretrained(parents["clinical"])
+    assert materializer.write_into(model, _recipe(name)).hexdigest() == first
+    for m, tensors in held.tensors.items():
+        for k, t in tensors.items():
+            assert torch.equal(t, before[m][k]), (m, k)
 
 
 def test_a_recipe_with_a_bad_value_fails_before_anything_is_written(parents):
@@ -152,6 +189,35 @@ def test_a_recipe_with_a_bad_value_fails_before_anything_is_written(parents):
         materializer.write_into(model, recipe)
     for name, tensor in model.state_dict().items():
         assert torch.equal(tensor, before[name])
+
+
+@pytest.mark.parametrize("name,model_params,params,needle", [
+    ("linear", {"clinical": {"weight": 1.0}, "instruct": {"weight": -1.0}}, {},
+     r"lm_head.weight.*sum to zero"),
+    ("della", {"clinical": {"weight": 1.0, "density": 0.9, "epsilon": 0.2},
+               "instruct": {"weight": 1.0, "density": 0.5}}, {},
+     r"epsilon = 0.2 with density = 0.9"),
+    ("ties", {"clinical": {"weight": float("nan"), "density": 0.5},
+              "instruct": {"weight": 1.0, "density": 0.5}}, {}, r"weight must be a finite"),
+    ("task_arithmetic", {"clinical": {"weight": 1.0}, "instruct": {"weight": 1.0}},
+     {"lambda": float("inf")}, r"lambda must be a finite"),
+])
+def test_values_that_only_fail_together_are_caught_before_merging(
+        parents, name, model_params, params, needle):
+    materializer = Materializer(Parents(dict(parents)))
+    base = None if name == "linear" else "base"
+    recipe = MergeRecipe(method=name, models=("clinical", "instruct"), base=base,
+                         model_params=model_params, params=params)
+    with pytest.raises(Exception, match=needle):
+        materializer.plan(recipe)
+
+
+def test_dare_at_density_zero_keeps_nothing_either_way():
+    delta = torch.randn(50, 50)
+    for by_probability in (False, True):
+        kept = sp.random(delta, 0.0, torch.Generator().manual_seed(0),
+                         by_probability=by_probability)
+        assert torch.equal(kept, torch.zeros_like(delta))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -80,6 +80,7 @@ def test_export_best_loads_and_generates(cli, launched, tmp_path):
     generated = model.generate(**ids, max_new_tokens=4, do_sample=False)
     assert generated.shape[1] > ids["input_ids"].shape[1]
     assert "weights sha256" in (out_dir / "README.md").read_text().lower()
+    assert record["weights_verified"] is True and record["weights_device"] == "cpu"
     assert record["trial"] == json.loads(cli("report", "--storage", launched, "--json")[1])[
         "selected"]
 
@@ -94,6 +95,8 @@ def test_export_refuses_what_it_cannot_do_cleanly(cli, launched, tmp_path):
     code, _, err = cli("export", "--storage", "sqlite:///" + str(tmp_path / "none.db"),
                        tmp_path / "y")
     assert code == 2 and "no study database" in err
+    code, _, err = cli("export", "--storage", launched, "--device", "floppy", tmp_path / "z")
+    assert code == 2 and "--device 'floppy' is not a device" in err
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 

@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evaluators.engines.base import GenerationRequest
+from mergesearch.devices import resolve_device
 from mergesearch.errors import MergesearchError
 from merging.materializer import Materializer, WeightsHash
 from merging.recipe import MergeRecipe
@@ -21,12 +22,6 @@ from merging.recipe import MergeRecipe
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:

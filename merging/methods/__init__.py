@@ -10,6 +10,7 @@ recipe's model order, and a seeded `generator` for methods that draw random mask
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -33,6 +34,8 @@ class Param:
     boolean: bool = False
 
     def check(self, value: float, where: str) -> None:
+        if not math.isfinite(value):
+            raise MergesearchError(f"{where}: {self.name} must be a finite number, not {value}")
         if self.boolean and value not in (0.0, 1.0):
             raise MergesearchError(f"{where}: {self.name} must be true or false, not {value}")
         if (self.low is not None and value < self.low) or (
@@ -61,6 +64,9 @@ class MergeMethod:
     # Optional single-pass kernel: writes the merge straight into `out` (its own dtype) and
     # returns True, or returns False where it does not apply.
     into: Callable[..., bool] | None = None
+    # Optional check of one tensor's resolved arguments, for constraints that join several
+    # parameters; raises ValueError saying what is wrong. Runs before anything is merged.
+    validate: Callable[[dict], None] | None = None
 
     @property
     def needs_base(self) -> bool:

@@ -15,15 +15,19 @@ def linear(
 ) -> torch.Tensor:
     """merged = sum_i w_i x_i, divided by sum_i w_i when `normalize` (the default)."""
     del base  # linear treats every model alike; a base model is one more input
+    check_linear(weight, normalize)
     if normalize:
-        total = sum(weight)
-        if total == 0.0:
-            raise ValueError("linear merge with normalize needs weights that do not sum to zero")
-        weight = [w / total for w in weight]
+        weight = [w / sum(weight) for w in weight]
     merged = torch.mul(tensors[0], weight[0])
     for w, tensor in zip(weight[1:], tensors[1:], strict=True):
         merged.add_(tensor, alpha=w)
     return merged
+
+
+def check_linear(weight: list[float], normalize: float = 1.0) -> None:
+    if normalize and sum(weight) == 0.0:
+        raise ValueError(f"weights {weight} sum to zero, so they cannot be normalized; "
+                         "give weights with a non-zero sum or set normalize: false")
 
 
 def linear_into(
@@ -49,4 +53,5 @@ register(MergeMethod(
     "linear", linear,
     params=(Param("weight", per_model=True), Param("normalize", 1.0, boolean=True)),
     elementwise=True, into=linear_into,
+    validate=lambda args: check_linear(args["weight"], args["normalize"]),
 ))

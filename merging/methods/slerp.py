@@ -38,7 +38,8 @@ def slerp_into(tensors: list[torch.Tensor], base: torch.Tensor | None, out: torc
     """The same, in two passes over the stored tensors (statistics, then the combination),
     converting to float32 a cache-sized chunk at a time."""
     (other,) = tensors
-    if not (base.is_contiguous() and other.is_contiguous() and out.is_contiguous()):
+    if not (base.shape == other.shape == out.shape
+            and base.is_contiguous() and other.is_contiguous() and out.is_contiguous()):
         return False
     v0, v1, flat = base.view(-1), other.view(-1), out.view(-1)
     stats = torch.zeros(3, dtype=torch.float64, device=out.device)  # |v0|², |v1|², v0·v1
@@ -48,8 +49,9 @@ def slerp_into(tensors: list[torch.Tensor], base: torch.Tensor | None, out: torc
     sq0, sq1, dot = stats.tolist()  # one device sync per tensor
     c0, c1 = slerp_coefficients(t, math.sqrt(sq0), math.sqrt(sq1), dot)
     for start in range(0, flat.numel(), CHUNK):
-        a, b = v0[start : start + CHUNK].float(), v1[start : start + CHUNK]
-        flat[start : start + CHUNK].copy_(a.mul_(c0).add_(b.float(), alpha=c1))
+        # out of place: .float() of a float32 parent is the parent itself
+        a, b = v0[start : start + CHUNK].float(), v1[start : start + CHUNK].float()
+        flat[start : start + CHUNK].copy_(torch.mul(a, c0).add_(b, alpha=c1))
     return True
 
 

@@ -85,10 +85,20 @@ def random(
     """DARE: keep each entry with probability `density`."""
     if density >= 1:
         return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
     mask = torch.bernoulli(torch.full_like(delta, density), generator=generator)
     if by_probability:
         return (delta * mask).div_(density)
     return _rescaled(delta, mask, rescale)
+
+
+def check_della(density: float, epsilon: float) -> None:
+    """Keep probabilities density ± epsilon must be probabilities (where DELLA prunes)."""
+    if 0 < density < 1 and (density + epsilon >= 1 or density - epsilon <= 0):
+        raise ValueError(
+            f"epsilon = {epsilon} with density = {density}: density ± epsilon must lie in (0, 1)"
+        )
 
 
 def della_magprune(
@@ -105,10 +115,7 @@ def della_magprune(
         return delta
     if density <= 0:
         return torch.zeros_like(delta)
-    if density + epsilon >= 1 or density - epsilon <= 0:
-        raise ValueError(
-            f"epsilon = {epsilon} with density = {density}: density ± epsilon must lie in (0, 1)"
-        )
+    check_della(density, epsilon)
     shape = delta.shape
     rows = delta.unsqueeze(0) if delta.dim() < 2 else delta
     ranks = torch.argsort(torch.argsort(rows.abs(), dim=1), dim=1).to(delta.dtype) + 1

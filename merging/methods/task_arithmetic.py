@@ -95,7 +95,13 @@ def _variant(name: str, sparsifier: str | None, consensus: bool, normalize: bool
         name, partial(task_arithmetic, sparsifier=sparsifier, consensus=consensus),
         params=tuple(params), base="required", random=sparsifier in ("random", "della_magprune"),
         elementwise=sparsifier is None,
+        validate=_check_della if sparsifier == "della_magprune" else None,
     )
+
+
+def _check_della(args: dict) -> None:
+    for density, epsilon in zip(args["density"], args["epsilon"], strict=True):
+        sp.check_della(density, epsilon)
 
 
 for _args in (
