@@ -187,8 +187,8 @@ class Materializer:
         used = [*recipe.models, *([recipe.base] if recipe.base else [])]
         held = {m: self.parents.tensor(m, name) for m in {*used, recipe.rows_source}}
         source = held[recipe.rows_source]
-        rows = source.shape[0] if source.dim() else 0
-        if len({t.shape[0] if t.dim() else 0 for t in held.values()}) > 1:  # vocabularies differ
+        rows = None
+        if len({t.shape for t in held.values()}) > 1:  # vocabularies differ
             rows = min(t.shape[0] for t in held.values())  # merge the rows every parent has
             held = {m: t[:rows] for m, t in held.items()}
         inputs = [held[m].to(device, non_blocking=True).float() for m in recipe.models]
@@ -198,7 +198,7 @@ class Materializer:
             args["generator"] = torch.Generator(device).manual_seed(
                 tensor_seed(recipe.seed, name))
         merged = method.merge(inputs, base, **args)
-        if rows < source.shape[0]:  # rows only the vocabulary's source model has
+        if rows is not None and rows < source.shape[0]:  # rows only the source model has
             merged = torch.cat([merged, source[rows:].to(device).float()])
         return merged
 

@@ -255,7 +255,8 @@ def parse_mergekit_config(data: Any, where: str, root: Path, layout_of: Any) -> 
     dtype_name = data.get("out_dtype") or data.get("dtype")
     if dtype_name is not None and dtype_name not in DTYPES:
         raise _error(f"{where}: dtype", f"{dtype_name!r} is not one of {', '.join(DTYPES)}")
-    vocab_source = base if source == "base" else (names[source_path] if source_path else None)
+    vocab_source = (names[base_path] if source == "base"
+                    else names[source_path] if source_path else None)
     recipe = MergeRecipe(method=method.name, models=tuple(models), base=base,
                          model_params={m: p for m, p in model_params.items() if p},
                          params=params, vocab_source=vocab_source)
@@ -285,6 +286,8 @@ def _setting(values: dict[str, float | None], layout: ModelLayout) -> Any:
             lists.setdefault(suffix, [None] * layout.num_layers)[index] = values[tensor]
         else:
             outer[tensor] = values[tensor]
+    if any(None in v for v in lists.values()):
+        return None  # a kind of tensor some layers lack: no gradient list fits it
     def flat(v: list[float]) -> Any:
         return v[0] if len(set(v)) == 1 else v
     fallback = Counter(tuple(v) for v in lists.values()).most_common(1)[0][0] if lists else ()
@@ -298,8 +301,10 @@ def _setting(values: dict[str, float | None], layout: ModelLayout) -> Any:
 
 
 def to_mergekit_config(recipe: MergeRecipe, paths: dict[str, Path], layout: ModelLayout,
-                       dtype: torch.dtype) -> dict | None:
-    """The mergekit config equivalent to `recipe`, or None when mergekit cannot express it."""
+                       dtype: torch.dtype, vocab_differs: bool = False) -> dict | None:
+    """The mergekit config equivalent to `recipe`, or None when mergekit cannot express it.
+    It computes in float32 as mergesearch does; `tokenizer_source` is written only when the
+    parents' vocabularies differ (otherwise mergekit would rebuild identical embeddings)."""
     method = get_method(recipe.method)
     for p in method.params:
         if p.name in OWN_PARAMS and any(
@@ -321,14 +326,18 @@ def to_mergekit_config(recipe: MergeRecipe, paths: dict[str, Path], layout: Mode
            for name in recipe.params if name not in OWN_PARAMS}
     if top:
         config["parameters"] = top
-    config["dtype"] = str(dtype).removeprefix("torch.")
-    if recipe.vocab_source:
+    config["dtype"] = "float32"
+    config["out_dtype"] = str(dtype).removeprefix("torch.")
+    if recipe.vocab_source and vocab_differs:
         config["tokenizer_source"] = ("base" if recipe.vocab_source == recipe.base
                                       else str(paths[recipe.vocab_source]))
     if any(v is None for v in top.values()) or any(
             v is None for m in models for v in m.get("parameters", {}).values()):
         return None
-    parsed = parse_mergekit_config(config, "exported config", Path("/"), lambda _: layout)
+    try:
+        parsed = parse_mergekit_config(config, "exported config", Path("/"), lambda _: layout)
+    except SpecError:  # a setting mergekit's grammar cannot hold
+        return None
     name_of = {Path(path): name for name, path in paths.items()}
     rename = {name: name_of[path] for name, path in parsed.paths.items()}
     back = parsed.recipe

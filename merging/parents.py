@@ -204,6 +204,11 @@ class Parents:
         return self.tensors[parent][name]
 
     @property
+    def vocab_sizes_differ(self) -> bool:
+        return any(len({t[name].shape for t in self.tensors.values()}) > 1
+                   for name in self.names)
+
+    @property
     def device(self) -> torch.device:
         first = next(iter(self.tensors.values()))
         return next(iter(first.values())).device

@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 
 import optuna
@@ -85,11 +85,18 @@ def write_model_folder(
     files: dict[str, str],
     force: bool = False,
     check: Callable[[], None] | None = None,
+    inputs: Collection[Path] = (),
 ) -> None:
     """Write a Hugging Face folder: the tensors, the source model's config and tokenizer
     (config dtype set to `dtype`) and extra text `files`. It is built under a temporary name
     beside `out_dir` and renamed into place only when complete (after `check()` passes)."""
     out_dir = Path(out_dir)
+    target = out_dir.resolve()
+    for folder in inputs:
+        folder = Path(folder).resolve()
+        if folder == target or target in folder.parents:
+            raise MergesearchError(f"{out_dir} holds the input model {folder}; "
+                                   "choose another OUT_DIR")
     if out_dir.exists() and not force:
         raise MergesearchError(f"{out_dir} already exists; choose another folder or pass --force")
     if out_dir.exists() and not out_dir.is_dir():
@@ -162,11 +169,13 @@ def export_trial(study: optuna.Study, which: str | int, out_dir: Path, force: bo
         files["mergesearch_recipe.json"] = json.dumps(record, indent=2) + "\n"
         files["README.md"] = _model_card(record)
 
-    mergekit = to_mergekit_config(recipe, paths, parents.layout, dtype)
+    mergekit = to_mergekit_config(recipe, paths, parents.layout, dtype,
+                                  parents.vocab_sizes_differ)
     if mergekit is not None:
         files["mergekit_config.yml"] = yaml.safe_dump(mergekit, sort_keys=False)
     tensors = Materializer(parents).tensors(recipe, dtype, digest, device=device)
-    write_model_folder(out_dir, tensors, spec.source_parent.path, dtype, files, force, check)
+    write_model_folder(out_dir, tensors, spec.source_parent.path, dtype, files, force, check,
+                       inputs=paths.values())
     return record
 
 

@@ -38,5 +38,6 @@ def merge_config(config_path: Path, out_dir: Path, force: bool = False,
     files = {"mergesearch_recipe.json": json.dumps(record, indent=2) + "\n",
              "mergekit_config.yml": yaml.safe_dump(
                  yaml.safe_load(Path(config_path).read_text()), sort_keys=False)}
-    write_model_folder(out_dir, materializer.tensors(recipe, dtype), source, dtype, files, force)
+    write_model_folder(out_dir, materializer.tensors(recipe, dtype), source, dtype, files, force,
+                       inputs=config.paths.values())
     return record

@@ -83,6 +83,15 @@ class MergeSpec(_Strict):
             raise ValueError(f"method {self.method!r} needs merge.base (a parent's name)")
         if method.base == "ignored" and self.base is not None:
             raise ValueError(f"method {self.method!r} takes no base model; remove merge.base")
+        searched = [p.name for p in method.params if p.name in ("weight", "t")
+                    or isinstance(self.params.get(p.name), ParamRange)]
+        if not searched:
+            numeric = [p.name for p in method.params if not p.boolean]
+            raise ValueError(
+                f"method {self.method!r} leaves nothing to search: "
+                + (f"give a [low, high] range in merge.params for {', '.join(numeric)}"
+                   if numeric else "it has no numeric parameter; merge it once with "
+                   "`mergesearch merge` instead"))
         return self
 
 

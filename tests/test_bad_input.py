@@ -102,6 +102,13 @@ def test_spec_method_needing_a_base(cli, write_spec, tmp_path):
     assert_refused(cli, tmp_path, spec, "merge", "needs merge.base")
 
 
+def test_spec_method_with_nothing_to_search(cli, write_spec, tmp_path, parents):
+    spec = write_spec(parents=[{"name": n, "path": str(parents[n])}
+                               for n in ("base", "clinical", "instruct")],
+                      merge={"method": "model_stock", "base": "base"})
+    assert_refused(cli, tmp_path, spec, "merge", "'model_stock' leaves nothing to search")
+
+
 def _merge_refused(cli, tmp_path, config: dict, *needles):
     path = tmp_path / "config.yml"
     path.write_text(yaml.safe_dump(config))
@@ -139,3 +146,19 @@ def test_merge_config_with_different_architectures(cli, tmp_path, tokenizer, par
                                               {"model": str(tmp_path / "wide")}],
                                    "merge_method": "linear", "parameters": {"weight": 1.0}},
                    "tensor", "(400, 48)")
+
+
+def test_merge_refuses_to_replace_an_input_model(cli, tmp_path, parents):
+    import shutil
+
+    copy = tmp_path / "clinical"
+    shutil.copytree(parents["clinical"], copy)
+    before = sorted((p.name, p.stat().st_size) for p in copy.iterdir())
+    config = tmp_path / "config.yml"
+    config.write_text(yaml.safe_dump({
+        "merge_method": "linear", "parameters": {"weight": 1.0},
+        "models": [{"model": str(copy)}, {"model": str(parents["instruct"])}]}))
+    for out in (copy, tmp_path):
+        code, _, err = cli("merge", config, out, "--force")
+        assert code == 2 and "holds the input model" in err, err
+    assert sorted((p.name, p.stat().st_size) for p in copy.iterdir()) == before

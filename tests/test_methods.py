@@ -147,13 +147,13 @@ def test_parents_with_different_vocabulary_sizes_merge_common_rows(tmp_path, tok
     torch.testing.assert_close(slerped[name], torch.cat([expected, theirs[rows:]]))
 
 
-def _recipe(name: str) -> MergeRecipe:
+def _recipe(name: str, density: float = 0.5) -> MergeRecipe:
     """A valid recipe of method `name` over the tiny parents."""
     method = get_method(name)
     if name == "slerp":
         return MergeRecipe(method=name, models=("instruct",), base="clinical",
                            params={"t": 0.3})
-    per_model = {"weight": 0.6, "density": 0.5, "gamma": 0.05, "epsilon": 0.1}
+    per_model = {"weight": 0.6, "density": density, "gamma": 0.05, "epsilon": 0.1}
     return MergeRecipe(
         method=name, models=("clinical", "instruct"),
         base=None if method.base == "ignored" else "base",
@@ -240,3 +240,18 @@ def test_top_k_mask_matches_a_full_sort_on_large_tensors(k):
     expected = torch.zeros_like(values, dtype=torch.bool)
     expected[torch.argsort(values, descending=True)[:k]] = True
     assert torch.equal(sp.top_k_mask(values, k), expected)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_scalar_tensors_merge_like_any_other(name):
+    """0-d parameters (a learned scale, say) go through the same path (at density 1, so
+    that sparsifiers keep everything and both tensors must agree)."""
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+              "num_hidden_layers": 1}
+    values = {"base": 1.0, "clinical": 2.0, "instruct": 4.0}
+    held = Parents.from_tensors({m: {"model.layers.0.scale": torch.tensor(v),
+                                     "model.layers.0.mlp.w": torch.full((3,), v)}
+                                 for m, v in values.items()}, config)
+    merged = dict(Materializer(held).tensors(_recipe(name, density=1.0), torch.float32))
+    assert merged["model.layers.0.scale"].shape == ()
+    torch.testing.assert_close(merged["model.layers.0.scale"], merged["model.layers.0.mlp.w"][0])
