@@ -72,3 +72,20 @@ def hashed_split(item_id: str, dev_fraction: float) -> str:
     """dev or test, fixed by the item's id alone so that it never moves between runs."""
     digest = hashlib.sha256(str(item_id).encode()).digest()
     return "dev" if int.from_bytes(digest[:8], "big") / 2**64 < dev_fraction else "test"
+
+
+def read_ids(path: Path, where: str) -> set[str]:
+    """Item ids listed in a file: a JSON list, the keys of a JSON object, or one per line."""
+    if not path.is_file():
+        raise ProbeError(f"{where}.test_ids: file {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ProbeError(f"{path}:{e.lineno}: not valid JSON ({e.msg}) ({where})") from None
+        if not isinstance(data, list | dict):
+            raise ProbeError(f"{where}.test_ids: {path} must hold a list of ids or an object "
+                             "keyed by id")
+        return {str(i) for i in data}
+    return {line.strip() for line in text.splitlines() if line.strip()}

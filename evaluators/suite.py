@@ -57,12 +57,11 @@ class Suite:
             for start in range(0, len(items), chunk_size):
                 chunk = items[start : start + chunk_size]
                 began = time.perf_counter()
-                outputs = engine.generate([item.request for item in chunk])
+                results = probe.run(engine, chunk)
                 seconds = (time.perf_counter() - began) / len(chunk)
                 yield [
-                    ItemResult(name, item.id, split, item.request.prompt, output,
-                               probe.score(item, output), seconds)
-                    for item, output in zip(chunk, outputs, strict=True)
+                    ItemResult(name, item.id, split, item.prompt, output, scores, seconds)
+                    for item, (output, scores) in zip(chunk, results, strict=True)
                 ]
 
     def summarize(self, items: list[ItemResult]) -> SuiteResult:

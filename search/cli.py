@@ -49,6 +49,17 @@ def _no_traceback_for_ctrl_c(record: logging.LogRecord) -> bool:
     return True
 
 
+def _raised_during_ctrl_c(error: BaseException) -> bool:
+    """Whether `error` was raised while handling a Ctrl-C (optuna's trial bookkeeping can
+    fail that way when the interrupt lands between the objective and its tell)."""
+    seen = error.__context__
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt):
+            return True
+        seen = seen.__context__
+    return False
+
+
 def _quiet_libraries() -> None:
     import optuna
     import transformers
@@ -235,6 +246,10 @@ def main() -> None:
     except typer.exceptions.TyperException as e:  # usage: unknown option, missing argument
         e.show()  # type: ignore[attr-defined]
         sys.exit(getattr(e, "exit_code", 2))
+    except Exception as e:
+        if not _raised_during_ctrl_c(e):
+            raise
+        code = 130
     if code == 130:
         typer.echo("interrupted: finished trials are saved; run the same command to resume",
                    err=True)

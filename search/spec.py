@@ -258,7 +258,7 @@ def _resolve_paths(spec: StudySpec, base_dir: Path, where: str, lines: dict) -> 
                             "not exist; give a Hugging Face model folder (absolute, or "
                             "relative to the spec)")
     for probe in spec.probes:
-        probe.path = (base_dir / probe.path.expanduser()).resolve()
+        probe.resolve_paths(base_dir)
     if spec.storage is None:
         spec.storage = f"sqlite:///{(base_dir / 'study.db').resolve()}"
     elif spec.storage.startswith("sqlite:///") and not spec.storage.startswith("sqlite:////"):

@@ -1,4 +1,5 @@
-"""The engine interface every probe talks to."""
+"""The engine interface every probe talks to: greedy generation and log-likelihoods of
+continuations, over a model that a recipe can be loaded into in place."""
 
 from __future__ import annotations
 
@@ -11,12 +12,26 @@ from merging.recipe import MergeRecipe
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One prompt to complete greedily. `chat` wraps it in the model's chat template."""
+    """One prompt to complete greedily. `chat` wraps it in the model's chat template, after
+    `system` and the few-shot `examples` (user, assistant) turns; without a chat template the
+    examples are written as plain text before the prompt. Generation ends at
+    `max_new_tokens`, the end of turn, or the first `stop` string (cut from the output)."""
 
     prompt: str
     max_new_tokens: int = 128
     system: str | None = None
     chat: bool = True
+    stop: tuple[str, ...] = ()
+    examples: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class LoglikelihoodRequest:
+    """log P(continuation | context) of raw text (no chat template; a probe that wants one
+    formats the context itself)."""
+
+    context: str
+    continuation: str
 
 
 class Engine(Protocol):
@@ -29,4 +44,19 @@ class Engine(Protocol):
 
     def generate(self, requests: list[GenerationRequest]) -> list[str]: ...
 
+    def loglikelihood(self, requests: list[LoglikelihoodRequest]) -> list[tuple[float, bool]]:
+        """(sum of the continuation's token log-probabilities, whether greedy decoding
+        would produce exactly it) per request."""
+        ...
+
+    def format(self, request: GenerationRequest) -> str:
+        """The prompt text as the model sees it."""
+        ...
+
     def close(self) -> None: ...
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> str:
+    """`text` up to the first of the `stop` strings."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
+    return text[:cut]

@@ -1,4 +1,5 @@
-"""`HFEngine`: transformers inference, batched greedy generation with left padding.
+"""`HFEngine`: transformers inference: batched greedy generation (sorted by length, left
+padding, stop strings) and batched log-likelihoods of continuations.
 
 The model is loaded once from a Hugging Face folder (a parent, or any model to evaluate).
 `load_recipe` overwrites its parameters in place with the merge, so a study keeps one model
@@ -7,13 +8,14 @@ in memory however many candidates it scores.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from evaluators.engines.base import GenerationRequest
+from evaluators.engines.base import GenerationRequest, LoglikelihoodRequest, cut_at_stop
 from mergesearch.devices import resolve_device
 from mergesearch.errors import MergesearchError
 from merging.materializer import Materializer, WeightsHash
@@ -66,10 +68,14 @@ class HFEngine:
     def format(self, request: GenerationRequest) -> str:
         """The prompt as the model sees it: through the chat template where it has one."""
         if not self.uses_chat_template(request):
-            return request.prompt
-        messages = [{"role": "user", "content": request.prompt}]
-        if request.system:
-            messages.insert(0, {"role": "system", "content": request.system})
+            shots = "".join(f"{q}\n{a}\n\n" for q, a in request.examples)
+            system = f"{request.system}\n\n" if request.system else ""
+            return system + shots + request.prompt
+        messages = [{"role": "system", "content": request.system}] if request.system else []
+        for question, answer in request.examples:
+            messages += [{"role": "user", "content": question},
+                         {"role": "assistant", "content": answer}]
+        messages.append({"role": "user", "content": request.prompt})
         return self.tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=True
         )
@@ -86,15 +92,21 @@ class HFEngine:
     def generate(self, requests: list[GenerationRequest]) -> list[str]:
         outputs: list[str | None] = [None] * len(requests)
         encoded = [self.encode(r) for r in requests]
-        # Batch prompts of similar length with the same budget together: less padding.
-        order = sorted(range(len(requests)), key=lambda i: (requests[i].max_new_tokens,
-                                                             len(encoded[i])))
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start : start + self.batch_size]
+        # Batch prompts of similar length with the same budget and stops together.
+        order = sorted(range(len(requests)), key=lambda i: (
+            requests[i].max_new_tokens, requests[i].stop, len(encoded[i])))
+        start = 0
+        while start < len(order):
+            first = requests[order[start]]
+            batch = list(itertools.takewhile(lambda i: requests[i].stop == first.stop,
+                                             order[start : start + self.batch_size]))
+            start += len(batch)
             budget = max(requests[i].max_new_tokens for i in batch)
             enc = self.tokenizer.pad(
                 {"input_ids": [encoded[i] for i in batch]}, return_tensors="pt"
             ).to(self.device)
+            stops = {"stop_strings": list(first.stop), "tokenizer": self.tokenizer} \
+                if first.stop else {}
             generated = self.model.generate(
                 **enc,
                 do_sample=False,
@@ -104,12 +116,58 @@ class HFEngine:
                 # end of text); only fall back to the tokenizer's when it names none.
                 eos_token_id=self.model.generation_config.eos_token_id
                 or self.tokenizer.eos_token_id,
+                **stops,
             )
             new_tokens = generated[:, enc["input_ids"].shape[1] :]
             for i, tokens in zip(batch, new_tokens, strict=True):
                 tokens = tokens[: requests[i].max_new_tokens]
-                outputs[i] = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                outputs[i] = cut_at_stop(text, requests[i].stop).strip()
         return outputs  # type: ignore[return-value]
+
+    def _continuation_tokens(self, request: LoglikelihoodRequest) -> tuple[list[int], int]:
+        """Tokens of context + continuation, and how many at the end are the continuation.
+        Spaces ending the context move to the continuation (` yes`, not ` ` then `yes`), as
+        lm-eval does, and the continuation's tokens are those of the whole text past the
+        context's, so that they are the tokens the model would produce."""
+        context, continuation = request.context, request.continuation
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        whole = self.tokenizer(context + continuation)["input_ids"]
+        prefix = self.tokenizer(context)["input_ids"]
+        tokens = len(whole) - len(prefix)
+        if tokens <= 0:
+            raise MergesearchError(f"continuation {request.continuation!r} adds no tokens")
+        limit = getattr(self.model.config, "max_position_embeddings", None) or len(whole)
+        return whole[-limit:], tokens
+
+    @torch.no_grad()
+    def loglikelihood(self, requests: list[LoglikelihoodRequest]) -> list[tuple[float, bool]]:
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        encoded = [self._continuation_tokens(r) for r in requests]
+        order = sorted(range(len(requests)), key=lambda i: -len(encoded[i][0]))
+        pad = self.tokenizer.pad_token_id
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            width = len(encoded[batch[0]][0])
+            ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, i in enumerate(batch):  # right padding: positions start at 0 everywhere
+                tokens = encoded[i][0]
+                ids[row, : len(tokens)] = torch.tensor(tokens)
+                mask[row, : len(tokens)] = 1
+            logits = self.model(input_ids=ids.to(self.device),
+                                attention_mask=mask.to(self.device)).logits
+            for row, i in enumerate(batch):
+                tokens, count = encoded[i]
+                end = len(tokens)
+                # logits at position p predict token p + 1
+                scores = logits[row, end - count - 1 : end - 1].float().log_softmax(dim=-1)
+                target = torch.tensor(tokens[end - count :], device=scores.device)
+                logprob = scores.gather(1, target[:, None]).sum().item()
+                results[i] = (logprob, bool((scores.argmax(dim=-1) == target).all()))
+        return results  # type: ignore[return-value]
 
     def close(self) -> None:
         del self.model

@@ -7,16 +7,19 @@ from typing import Annotated
 from pydantic import Field
 
 from evaluators.probes.base import Probe, ProbeConfig, ProbeItem
+from evaluators.probes.choice import ChoiceProbe, ChoiceProbeConfig
 from evaluators.probes.generation import GenerationProbe, GenerationProbeConfig
 from evaluators.probes.instruction import InstructionProbe, InstructionProbeConfig
 
 PROBE_KINDS: dict[str, tuple[type[ProbeConfig], type[Probe]]] = {
     "generation": (GenerationProbeConfig, GenerationProbe),
     "instruction": (InstructionProbeConfig, InstructionProbe),
+    "choice": (ChoiceProbeConfig, ChoiceProbe),
 }
 
 AnyProbeConfig = Annotated[
-    GenerationProbeConfig | InstructionProbeConfig, Field(discriminator="kind")
+    GenerationProbeConfig | InstructionProbeConfig | ChoiceProbeConfig,
+    Field(discriminator="kind"),
 ]
 
 

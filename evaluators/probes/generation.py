@@ -1,17 +1,21 @@
-"""Generation probes: a Jinja prompt over an item's fields, scored by ROUGE against a
-reference (clinical summarisation: findings -> impression, question -> summary, ...)."""
+"""Generation probes: a Jinja prompt over an item's fields, scored against a reference by
+ROUGE-1/2/L and sentence BLEU (clinical summarisation: findings -> impression, question ->
+short question, dialogue -> note section, discharge note -> summary), and by BERTScore
+with a local scoring model when one is named."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 import jinja2
-from pydantic import BaseModel, ConfigDict
+import sacrebleu
+from pydantic import BaseModel, ConfigDict, Field
 from rouge_score import rouge_scorer
 
-from evaluators.data import field_of
+from evaluators.data import field_of, read_records
 from evaluators.engines.base import GenerationRequest
-from evaluators.probes.base import Probe, ProbeConfig, ProbeItem
+from evaluators.probes.base import FileProbe, FileProbeConfig, ProbeItem
 from mergesearch.errors import ProbeError
 
 
@@ -25,14 +29,25 @@ class GenerationFields(BaseModel):
     reference: str = "reference"
 
 
-class GenerationProbeConfig(ProbeConfig):
+class GenerationProbeConfig(FileProbeConfig):
     kind: Literal["generation"]
     fields: GenerationFields = GenerationFields()
-    template: str = "{{ input }}"
+    template: str = Field("{{ input }}", description="Jinja prompt over the item's fields "
+                          "(`input` is the mapped input field)")
+    chat: bool = Field(True, description="wrap prompts in the model's chat template")
+    stop: list[str] = Field(default_factory=list, description="strings that end an output")
+    fewshot: int = Field(0, ge=0, description="worked examples before each prompt")
+    fewshot_path: Path | None = Field(
+        None, description="file the examples come from (same fields); default: the first "
+        "dev items, which are then not scored")
+    bertscore_model: Path | None = Field(
+        None, description="local encoder folder: adds `bertscore` (F1 of greedy-matched "
+        "token embeddings)")
 
 
-class GenerationProbe(Probe):
-    metrics = ("rouge1", "rouge2", "rougeL")
+class GenerationProbe(FileProbe):
+    config: GenerationProbeConfig
+    metrics = ("rouge1", "rouge2", "rougeL", "bleu")
     default_metric = "rougeL"
 
     def __init__(self, config: GenerationProbeConfig, where: str):
@@ -42,22 +57,62 @@ class GenerationProbe(Probe):
             )
         except jinja2.TemplateSyntaxError as e:
             raise ProbeError(f"{where}.template: invalid Jinja template ({e.message})") from None
-        self.scorer = rouge_scorer.RougeScorer(list(self.metrics), use_stemmer=True)
+        self.scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+        self.bertscore = None
+        if config.bertscore_model is not None:
+            from evaluators.probes.bertscore import BertScorer
+
+            self.bertscore = BertScorer(config.bertscore_model, f"{where}.bertscore_model")
+            self.metrics = (*self.metrics, "bertscore")
+        self.examples: tuple[tuple[str, str], ...] = ()
         super().__init__(config, where)
 
-    def make_item(self, record: dict[str, Any], index: int) -> ProbeItem:
+    def load_items(self) -> dict[str, list[ProbeItem]]:
+        config = self.config
+        if config.fewshot_path is not None:
+            shots = [self.make_item(r, config.fewshot_path, i) for i, r in
+                     enumerate(read_records(config.fewshot_path, f"{self.where}.fewshot_path"))]
+            items = super().load_items()
+        else:
+            items = super().load_items()
+            shots = items["dev"][: config.fewshot]
+            del items["dev"][: config.fewshot]
+        if len(shots) < config.fewshot:
+            raise ProbeError(f"{self.where}.fewshot: {config.fewshot} examples asked for, "
+                             f"{len(shots)} available")
+        self.examples = tuple((s.prompt, s.data["reference"]) for s in shots[: config.fewshot])
+        return {split: [self._with_examples(item) for item in split_items]
+                for split, split_items in items.items()}
+
+    def _with_examples(self, item: ProbeItem) -> ProbeItem:
+        request = GenerationRequest(item.prompt, self.config.max_new_tokens, self.config.system,
+                                    self.config.chat, tuple(self.config.stop), self.examples)
+        return ProbeItem(item.id, item.prompt, request, item.data)
+
+    def make_item(self, record: dict[str, Any], file: Path, index: int) -> ProbeItem:
         fields = self.config.fields
-        path = self.config.path
-        values = {**record, "input": field_of(record, fields.input, path, index)}
+        values = {**record, "input": field_of(record, fields.input, file, index)}
         try:
             prompt = self.template.render(**values)
         except jinja2.UndefinedError as e:
-            raise ProbeError(f"{path}: item {index + 1}: template needs {e.message}") from None
-        reference = str(field_of(record, fields.reference, path, index))
+            raise ProbeError(f"{file}: item {index + 1}: the template uses a field the item "
+                             f"does not have ({e.message}; its fields: "
+                             f"{', '.join(sorted(record))})") from None
+        reference = str(field_of(record, fields.reference, file, index))
         item_id = str(record.get(fields.id, index))
-        request = GenerationRequest(prompt, self.config.max_new_tokens, self.config.system)
-        return ProbeItem(item_id, request, {"reference": reference})
+        return ProbeItem(item_id, prompt, None, {"reference": reference})
+
+    def run(self, engine, items):
+        results = super().run(engine, items)
+        if self.bertscore is not None:
+            f1 = self.bertscore.f1([o for o, _ in results], [i.data["reference"] for i in items])
+            for (_, scores), value in zip(results, f1, strict=True):
+                scores["bertscore"] = value
+        return results
 
     def score(self, item: ProbeItem, output: str) -> dict[str, float]:
-        scores = self.scorer.score(item.data["reference"], output)
-        return {name: scores[name].fmeasure for name in self.metrics}
+        reference = item.data["reference"]
+        scores = self.scorer.score(reference, output)
+        bleu = sacrebleu.sentence_bleu(output, [reference]).score / 100
+        return {**{name: scores[name].fmeasure for name in ("rouge1", "rouge2", "rougeL")},
+                "bleu": bleu}

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from evaluators.data import field_of
 from evaluators.engines.base import GenerationRequest
-from evaluators.probes.base import Probe, ProbeConfig, ProbeItem
+from evaluators.probes.base import FileProbe, FileProbeConfig, ProbeItem
 from evaluators.probes.ifeval_checks import instruction_results, known_instruction_ids
 from mergesearch.errors import ProbeError
 
@@ -16,12 +17,12 @@ _INST_LEVEL = {"inst_level_strict": "inst_level_strict_acc",
                "inst_level_loose": "inst_level_loose_acc"}
 
 
-class InstructionProbeConfig(ProbeConfig):
+class InstructionProbeConfig(FileProbeConfig):
     kind: Literal["instruction"]
     id_field: str = "key"
 
 
-class InstructionProbe(Probe):
+class InstructionProbe(FileProbe):
     """Items are IFEval records: `key`, `prompt`, `instruction_id_list`, `kwargs`.
 
     Per item, prompt-level scores are 0/1 and instruction-level scores are the fraction of
@@ -36,8 +37,7 @@ class InstructionProbe(Probe):
         self.known = known_instruction_ids()
         super().__init__(config, where)
 
-    def make_item(self, record: dict[str, Any], index: int) -> ProbeItem:
-        path = self.config.path
+    def make_item(self, record: dict[str, Any], path: Path, index: int) -> ProbeItem:
         doc = {k: field_of(record, k, path, index) for k in ("prompt", "instruction_id_list",
                                                               "kwargs")}
         if not doc["instruction_id_list"]:
@@ -51,7 +51,7 @@ class InstructionProbe(Probe):
             )
         item_id = str(record.get(self.config.id_field, index))
         request = GenerationRequest(doc["prompt"], self.config.max_new_tokens, self.config.system)
-        return ProbeItem(item_id, request, doc)
+        return ProbeItem(item_id, doc["prompt"], request, doc)
 
     def score(self, item: ProbeItem, output: str) -> dict[str, float]:
         results = instruction_results(item.data, output)
