@@ -119,3 +119,110 @@ def test_sentence_checks_work_offline():
            "kwargs": [{"relation": "less than", "num_sentences": 3}]}
     assert instruction_results(doc, "Dr. Who came. He left.")["prompt_level_strict_acc"]
     assert not instruction_results(doc, "One. Two. Three.")["prompt_level_strict_acc"]
+
+
+def _choice(path, **kw):
+    from evaluators.probes.choice import ChoiceProbeConfig
+
+    return build_probe(ChoiceProbeConfig(kind="choice", name="c", path=path, **kw), "probes[2]")
+
+
+def test_choice_readers_turn_each_format_into_options_and_an_answer(tmp_path):
+    pubmedqa = {str(1000 + i): {"QUESTION": f"Does drug {i} help?", "CONTEXTS": ["A.", "B."],
+                                "final_decision": ("yes", "no", "maybe")[i % 3]}
+                for i in range(6)}
+    (tmp_path / "ori_pqal.json").write_text(json.dumps(pubmedqa))
+    (tmp_path / "test_ids.json").write_text(json.dumps({"1001": "no", "1004": "no"}))
+    probe = _choice(tmp_path / "ori_pqal.json", format="pubmedqa",
+                    test_ids=tmp_path / "test_ids.json")
+    assert sorted(i.id for i in probe.items("test")) == ["1001", "1004"]
+    item = probe.items("dev")[0]
+    assert item.prompt == "Abstract: A.\nB.\nQuestion: Does drug 0 help?\nAnswer:"
+    assert [r.continuation for r in item.request] == [" yes", " no", " maybe"]
+    assert item.data["answer"] == 0
+
+    medqa = [{"question": f"Q{i}?", "options": {"A": "aa", "B": "bb", "C": "cc", "D": "dd"},
+              "answer_idx": "C", "split": ("dev", "test")[i % 2]} for i in range(4)]
+    item = _choice(write_jsonl(tmp_path / "medqa.jsonl", medqa), format="medqa").items("dev")[0]
+    assert item.prompt == "Question: Q0?\nA. aa\nB. bb\nC. cc\nD. dd\nAnswer:"
+    assert [r.continuation for r in item.request] == [" A", " B", " C", " D"]
+    assert item.data["answer"] == 2
+
+    medmcqa = [{"id": f"m{i}", "question": "Q?", "opa": "a", "opb": "b", "opc": "c", "opd": "d",
+                "cop": 4, "split": ("dev", "test")[i % 2]} for i in range(4)]
+    probe = _choice(write_jsonl(tmp_path / "medmcqa.jsonl", medmcqa), format="medmcqa")
+    assert probe.items("dev")[0].data["answer"] == 3
+    assert probe.items("dev")[0].prompt.startswith("Question: Q?\nChoices:\nA. a\n")
+
+
+def test_choice_scores_by_loglikelihood_with_lm_eval_metrics(tmp_path):
+    """A fake-free check: a real tiny engine scores the options; acc follows the largest
+    log-likelihood, acc_norm the largest per character, macro-F1 pools the classes."""
+    from tests.test_engine import DEMO_INSTRUCT
+
+    from evaluators.engines import HFEngine
+
+    rows = [{"id": str(i), "question": "Is the chest x-ray normal?", "context": "Lungs clear.",
+             "options": ["yes", "no", "maybe, the lungs might be abnormal"],
+             "answer": i % 3, "split": "dev" if i < 6 else "test"} for i in range(8)]
+    probe = _choice(write_jsonl(tmp_path / "yn.jsonl", rows), score_letters=False,
+                    fields={"context": "context"},
+                    template="{{ context }}\nQuestion: {{ question }}\nAnswer:")
+    engine = HFEngine(DEMO_INSTRUCT, device="cpu")
+    items = probe.items("dev")
+    results = probe.run(engine, items)
+    logprobs = [lp for lp, _ in engine.loglikelihood(items[0].request)]
+    options = items[0].data["choices"]
+    best = max(range(3), key=lambda i: logprobs[i])
+    best_norm = max(range(3), key=lambda i: logprobs[i] / len(options[i]))
+    for item, (output, scores) in zip(items, results, strict=True):
+        assert output == options[best]
+        assert scores["acc"] == float(best == item.data["answer"])
+        assert scores["acc_norm"] == float(best_norm == item.data["answer"])
+    scores = [s for _, s in results]
+    # Always predicting one class of three, each class twice: F1 is 2·2/(6+2) for it, 0 else.
+    assert probe.aggregate(scores, "macro_f1") == pytest.approx((2 * 2 / (6 + 2)) / 3)
+    assert probe.aggregate(scores, "acc") == pytest.approx(2 / 6)
+
+
+def test_choice_answer_must_be_among_the_options(tmp_path):
+    rows = [{"id": "1", "question": "Q?", "options": ["a", "b"], "answer": "c"}]
+    with pytest.raises(ProbeError, match=r"item 1: answer 'c' is not among its 2 options"):
+        _choice(write_jsonl(tmp_path / "c.jsonl", rows))
+    rows = [{"question": "Q?", "opa": "a", "opb": "b", "opc": "c", "opd": "d", "cop": 0}]
+    with pytest.raises(ProbeError, match=r"item 1: cop 0 is not among its 4 options"):
+        _choice(write_jsonl(tmp_path / "m.jsonl", rows), format="medmcqa")
+
+
+def test_generation_scores_bleu_and_takes_files_per_split_and_few_shot(tmp_path):
+    def rows(prefix, n):
+        return [{"id": f"{prefix}{i}", "findings": f"finding {prefix}{i}",
+                 "impression": f"impression {prefix}{i}"} for i in range(n)]
+    probe = _generation({"dev": write_jsonl(tmp_path / "dev.jsonl", rows("d", 5)),
+                         "test": write_jsonl(tmp_path / "test.jsonl", rows("t", 3))},
+                        fewshot=2, stop=["\n\n"])
+    assert [i.id for i in probe.items("dev")] == ["d2", "d3", "d4"]  # d0, d1 are examples
+    assert [i.id for i in probe.items("test")] == ["t0", "t1", "t2"]
+    request = probe.items("test")[0].request
+    assert request.examples == (("Findings: finding d0", "impression d0"),
+                                ("Findings: finding d1", "impression d1"))
+    assert request.stop == ("\n\n",)
+    item = probe.items("test")[0]
+    assert probe.score(item, "impression t0")["bleu"] == pytest.approx(1.0)
+    assert probe.score(item, "nothing alike here")["bleu"] < 0.05
+
+
+def test_template_naming_an_unknown_field_is_refused(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"id": "1", "findings": "x", "impression": "y"}])
+    config = GenerationProbeConfig(kind="generation", name="g", path=path,
+                                   fields={"input": "findings", "reference": "impression"},
+                                   template="{{ history }}: {{ findings }}")
+    with pytest.raises(ProbeError, match=r"p\.jsonl: item 1: the template uses a field.*"
+                                         r"'history'.*findings, id, impression"):
+        build_probe(config, "probes[0]")
+
+
+def test_a_split_with_no_items_is_refused(tmp_path):
+    rows = [{"id": str(i), "findings": "a", "impression": "b", "split": "dev"} for i in range(3)]
+    with pytest.raises(ProbeError, match=r"probes\[0\]: the probe has no test items"):
+        _generation(write_jsonl(tmp_path / "p.jsonl", rows))

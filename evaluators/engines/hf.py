@@ -128,14 +128,17 @@ class HFEngine:
     def _continuation_tokens(self, request: LoglikelihoodRequest) -> tuple[list[int], int]:
         """Tokens of context + continuation, and how many at the end are the continuation.
         Spaces ending the context move to the continuation (` yes`, not ` ` then `yes`), as
-        lm-eval does, and the continuation's tokens are those of the whole text past the
+        lm-eval does (newlines stay: a chat template ends its prompt with one), and the continuation's tokens are those of the whole text past the
         context's, so that they are the tokens the model would produce."""
         context, continuation = request.context, request.continuation
-        spaces = len(context) - len(context.rstrip())
+        spaces = len(context) - len(context.rstrip(" "))
         if spaces:
             context, continuation = context[:-spaces], context[-spaces:] + continuation
-        whole = self.tokenizer(context + continuation)["input_ids"]
-        prefix = self.tokenizer(context)["input_ids"]
+        # Text that a chat template wrote starts with its own BOS: do not add a second.
+        bos = self.tokenizer.bos_token
+        special = not (bos and context.startswith(bos))
+        whole = self.tokenizer(context + continuation, add_special_tokens=special)["input_ids"]
+        prefix = self.tokenizer(context, add_special_tokens=special)["input_ids"]
         tokens = len(whole) - len(prefix)
         if tokens <= 0:
             raise MergesearchError(f"continuation {request.continuation!r} adds no tokens")
