@@ -47,6 +47,7 @@ class HFEngine:
         self.batch_size = batch_size
         self.materializer = materializer
         self._weights_hash: WeightsHash | None = None
+        self._warned_cut = False
         if not Path(model_dir).is_dir():
             raise MergesearchError(f"model folder {model_dir} does not exist")
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -84,9 +85,24 @@ class HFEngine:
         return request.chat and bool(self.tokenizer.chat_template)
 
     def encode(self, request: GenerationRequest) -> list[int]:
+        """The prompt's tokens, cut from the left where prompt and output would not fit in
+        the model's positions (lm-eval cuts the same way)."""
         # A chat template writes its own special tokens (BOS included); plain text gets them.
         templated = self.uses_chat_template(request)
-        return self.tokenizer(self.format(request), add_special_tokens=not templated)["input_ids"]
+        ids = self.tokenizer(self.format(request), add_special_tokens=not templated)["input_ids"]
+        room = self.max_length - request.max_new_tokens
+        if len(ids) > room:
+            if not self._warned_cut:
+                self._warned_cut = True
+                    log.warning("prompt of %d tokens cut to its last %d to leave room for %d new "
+                            "tokens in %d positions (warned once)", len(ids), room,
+                            request.max_new_tokens, self.max_length)
+            ids = ids[-room:] if room > 0 else ids[-1:]
+        return ids
+
+    @property
+    def max_length(self) -> int:
+        return getattr(self.model.config, "max_position_embeddings", None) or 2**31
 
     @torch.no_grad()
     def generate(self, requests: list[GenerationRequest]) -> list[str]:
@@ -142,8 +158,7 @@ class HFEngine:
         tokens = len(whole) - len(prefix)
         if tokens <= 0:
             raise MergesearchError(f"continuation {request.continuation!r} adds no tokens")
-        limit = getattr(self.model.config, "max_position_embeddings", None) or len(whole)
-        return whole[-limit:], tokens
+        return whole[-self.max_length :], tokens
 
     @torch.no_grad()
     def loglikelihood(self, requests: list[LoglikelihoodRequest]) -> list[tuple[float, bool]]:
