@@ -94,7 +94,7 @@ class HFEngine:
         if len(ids) > room:
             if not self._warned_cut:
                 self._warned_cut = True
-                    log.warning("prompt of %d tokens cut to its last %d to leave room for %d new "
+                log.warning("prompt of %d tokens cut to its last %d to leave room for %d new "
                             "tokens in %d positions (warned once)", len(ids), room,
                             request.max_new_tokens, self.max_length)
             ids = ids[-room:] if room > 0 else ids[-1:]
