@@ -90,3 +90,13 @@ def test_few_shot_examples_become_turns_or_text(parents):
     assert chat.count("<|user|>") == 2 and chat.count("<|assistant|>") == 2
     plain = engine.format(GenerationRequest("Findings: effusion.", examples=shots, chat=False))
     assert plain == "Findings: clear lungs.\nNormal chest.\n\nFindings: effusion."
+
+
+def test_prompts_longer_than_the_positions_are_cut_from_the_left(parents):
+    engine = HFEngine(parents["instruct"], device="cpu")
+    request = GenerationRequest("lungs clear " * 2000 + "Impression:", max_new_tokens=8,
+                                chat=False)
+    ids = engine.encode(request)
+    assert len(ids) == engine.max_length - 8
+    assert engine.tokenizer.decode(ids).endswith("Impression:")
+    assert isinstance(engine.generate([request])[0], str)
