@@ -226,3 +226,22 @@ def test_a_split_with_no_items_is_refused(tmp_path):
     rows = [{"id": str(i), "findings": "a", "impression": "b", "split": "dev"} for i in range(3)]
     with pytest.raises(ProbeError, match=r"probes\[0\]: the probe has no test items"):
         _generation(write_jsonl(tmp_path / "p.jsonl", rows))
+
+
+def test_instruction_aggregates_equal_lm_evals_own(probe_files):
+    """Prompt-level means and pooled instruction-level accuracy, against lm-eval's own
+    aggregation of its per-item results, on varied outputs."""
+    probe = _ifeval_probe(probe_files["instructions"])  # makes the sentence splitter findable
+    from lm_eval.tasks.ifeval.utils import agg_inst_level_acc
+
+    items = probe.items("dev") + probe.items("test")
+    outputs = ["HELLO THERE.", "hello, there", "* one\n* two\n* three", "P.S. done",
+               "A long answer " * 40, "", "<<Title>>\nText.", "Is there anything else?"]
+    scores = [probe.score(item, out) for item, out in zip(items, outputs, strict=True)]
+    results = [instruction_results(item.data, out)
+               for item, out in zip(items, outputs, strict=True)]
+    for level in ("strict", "loose"):
+        assert probe.aggregate(scores, f"prompt_level_{level}") == pytest.approx(
+            sum(r[f"prompt_level_{level}_acc"] for r in results) / len(results))
+        assert probe.aggregate(scores, f"inst_level_{level}") == pytest.approx(
+            agg_inst_level_acc([r[f"inst_level_{level}_acc"] for r in results]))

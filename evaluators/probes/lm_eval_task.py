@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import logging
 import numbers
 from pathlib import Path
 from typing import Any, Literal
@@ -45,8 +44,6 @@ from evaluators.engines.base import Engine, GenerationRequest, LoglikelihoodRequ
 from evaluators.probes.base import Probe, ProbeConfig, ProbeItem
 from evaluators.probes.ifeval_checks import ensure_sentence_tokenizer
 from mergesearch.errors import ProbeError
-
-log = logging.getLogger(__name__)
 
 # Aggregations over more than one number per document (pairs, strings): not storable as
 # per-item floats, so their metrics are not offered.
