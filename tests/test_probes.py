@@ -158,9 +158,8 @@ def test_choice_readers_turn_each_format_into_options_and_an_answer(tmp_path):
 def test_choice_scores_by_loglikelihood_with_lm_eval_metrics(tmp_path):
     """A fake-free check: a real tiny engine scores the options; acc follows the largest
     log-likelihood, acc_norm the largest per character, macro-F1 pools the classes."""
-    from tests.test_engine import DEMO_INSTRUCT
-
     from evaluators.engines import HFEngine
+    from tests.test_engine import DEMO_INSTRUCT
 
     rows = [{"id": str(i), "question": "Is the chest x-ray normal?", "context": "Lungs clear.",
              "options": ["yes", "no", "maybe, the lungs might be abnormal"],
@@ -245,3 +244,17 @@ def test_instruction_aggregates_equal_lm_evals_own(probe_files):
             sum(r[f"prompt_level_{level}_acc"] for r in results) / len(results))
         assert probe.aggregate(scores, f"inst_level_{level}") == pytest.approx(
             agg_inst_level_acc([r[f"inst_level_{level}_acc"] for r in results]))
+
+
+def test_bertscore_with_a_local_encoder(tmp_path, parents):
+    """Any local model folder serves as the encoder (here a tiny Llama built by the tests)."""
+    rows = [{"id": str(i), "findings": "x", "impression": "small left pleural effusion",
+             "split": ("dev", "test")[i % 2]} for i in range(4)]
+    probe = _generation(write_jsonl(tmp_path / "p.jsonl", rows),
+                        bertscore_model=parents["base"])
+    assert "bertscore" in probe.metrics
+    f1 = probe.bertscore.f1(["small left pleural effusion", "heart size is normal"],
+                            ["small left pleural effusion"] * 2)
+    assert f1[0] == pytest.approx(1.0, abs=1e-5) and f1[1] < f1[0]
+    with pytest.raises(ProbeError, match="scoring model folder .*nowhere does not exist"):
+        _generation(write_jsonl(tmp_path / "p.jsonl", rows), bertscore_model=tmp_path / "nowhere")

@@ -114,7 +114,8 @@ class HFEngine:
         start = 0
         while start < len(order):
             first = requests[order[start]]
-            batch = list(itertools.takewhile(lambda i: requests[i].stop == first.stop,
+            stop = first.stop
+            batch = list(itertools.takewhile(lambda i, stop=stop: requests[i].stop == stop,
                                              order[start : start + self.batch_size]))
             start += len(batch)
             budget = max(requests[i].max_new_tokens for i in batch)
@@ -144,8 +145,9 @@ class HFEngine:
     def _continuation_tokens(self, request: LoglikelihoodRequest) -> tuple[list[int], int]:
         """Tokens of context + continuation, and how many at the end are the continuation.
         Spaces ending the context move to the continuation (` yes`, not ` ` then `yes`), as
-        lm-eval does (newlines stay: a chat template ends its prompt with one), and the continuation's tokens are those of the whole text past the
-        context's, so that they are the tokens the model would produce."""
+        lm-eval does (newlines stay: a chat template ends its prompt with one), and the
+        continuation's tokens are those of the whole text past the context's, so that they
+        are the tokens the model would produce."""
         context, continuation = request.context, request.continuation
         spaces = len(context) - len(context.rstrip(" "))
         if spaces:

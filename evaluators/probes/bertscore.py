@@ -31,7 +31,8 @@ class BertScorer:
             special = enc.pop("special_tokens_mask")
             hidden = self.model(**enc).last_hidden_state
             keep = enc["attention_mask"].bool() & ~special.bool()
-            out += [torch.nn.functional.normalize(h[k], dim=-1) for h, k in zip(hidden, keep)]
+            out += [torch.nn.functional.normalize(h[k], dim=-1)
+                    for h, k in zip(hidden, keep, strict=True)]
         return out
 
     def f1(self, outputs: list[str], references: list[str]) -> list[float]:
