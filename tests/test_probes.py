@@ -258,3 +258,10 @@ def test_bertscore_with_a_local_encoder(tmp_path, parents):
     assert f1[0] == pytest.approx(1.0, abs=1e-5) and f1[1] < f1[0]
     with pytest.raises(ProbeError, match="scoring model folder .*nowhere does not exist"):
         _generation(write_jsonl(tmp_path / "p.jsonl", rows), bertscore_model=tmp_path / "nowhere")
+
+
+def test_wrong_ifeval_arguments_are_refused_when_the_probe_is_built(tmp_path):
+    doc = {"key": 1, "prompt": "p", "instruction_id_list": ["punctuation:no_comma"],
+           "kwargs": [{"num_words": 3}]}
+    with pytest.raises(ProbeError, match=r"item 1: kwargs of 'punctuation:no_comma'.*num_words"):
+        _ifeval_probe(write_jsonl(tmp_path / "i.jsonl", [doc]))

@@ -117,6 +117,9 @@ class FileProbe(Probe):
         if isinstance(config.path, dict) and set(config.path) != set(SPLITS):
             raise ProbeError(f"{self.where}.path: give a file for both dev and test, or one "
                              "file for both")
+        if isinstance(config.path, dict) and config.test_ids is not None:
+            raise ProbeError(f"{self.where}.test_ids: the files per split already fix the "
+                             "test split; give one or the other")
         test_ids = read_ids(config.test_ids, self.where) if config.test_ids else None
         items: dict[str, list[ProbeItem]] = {split: [] for split in SPLITS}
         for record, file, index, split in self.records():

@@ -54,7 +54,8 @@ class ChoiceProbeConfig(FileProbeConfig):
                                  "prompt for the format)")
     score_letters: bool | None = Field(
         None, description="score the option letters (lm-eval's MedQA/MedMCQA) rather than "
-        "the option texts; default: letters when the prompt lists the options")
+        "the option texts; default: letters with a format's own prompt that lists the "
+        "options (medqa, medmcqa, records), texts with pubmedqa or a template of your own")
 
 
 def _options(raw: Any, file: Path, index: int) -> list[str]:
@@ -91,8 +92,9 @@ class ChoiceProbe(FileProbe):
             self.template = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(text)
         except jinja2.TemplateSyntaxError as e:
             raise ProbeError(f"{where}.template: invalid Jinja template ({e.message})") from None
-        self.letters = (config.score_letters if config.score_letters is not None
-                        else "options" in text)
+        # lm-eval scores the letters of prompts that list the options (MedQA, MedMCQA)
+        listed = config.template is None and config.format != "pubmedqa"
+        self.letters = config.score_letters if config.score_letters is not None else listed
         super().__init__(config, where)
 
     def _parsed(self, record: dict[str, Any], file: Path, index: int) -> dict[str, Any]:

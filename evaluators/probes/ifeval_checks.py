@@ -10,6 +10,7 @@ hand-written list of English abbreviations and no learned collocations. An insta
 from __future__ import annotations
 
 import functools
+import random
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,11 @@ def instruction_description(instruction_id: str, kwargs: dict[str, Any]) -> str:
     """The instruction's text as IFEval phrases it, for the given arguments."""
     registry, _ = _ifeval()
     instruction = registry.INSTRUCTION_DICT[instruction_id](instruction_id)
-    return instruction.build_description(**kwargs)
+    state = random.getstate()  # checkers draw missing arguments from the global generator
+    try:
+        return instruction.build_description(**kwargs)
+    finally:
+        random.setstate(state)
 
 
 def instruction_results(doc: dict[str, Any], response: str) -> dict[str, Any]:

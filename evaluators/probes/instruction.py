@@ -8,7 +8,11 @@ from typing import Any, Literal
 from evaluators.data import field_of
 from evaluators.engines.base import GenerationRequest
 from evaluators.probes.base import FileProbe, FileProbeConfig, ProbeItem
-from evaluators.probes.ifeval_checks import instruction_results, known_instruction_ids
+from evaluators.probes.ifeval_checks import (
+    instruction_description,
+    instruction_results,
+    known_instruction_ids,
+)
 from mergesearch.errors import ProbeError
 
 _PROMPT_LEVEL = {"prompt_level_strict": "prompt_level_strict_acc",
@@ -49,6 +53,13 @@ class InstructionProbe(FileProbe):
             raise ProbeError(
                 f"{path}: item {index + 1}: kwargs must have one entry per instruction"
             )
+        for instruction, kwargs in zip(doc["instruction_id_list"], doc["kwargs"], strict=True):
+            try:  # IFEval's checkers take their arguments here; a wrong one fails now
+                instruction_description(instruction, {k: v for k, v in (kwargs or {}).items()
+                                                      if v})  # lm-eval drops falsy values
+            except (TypeError, ValueError) as e:
+                raise ProbeError(f"{path}: item {index + 1}: kwargs of {instruction!r}: "
+                                 f"{e}") from None
         item_id = str(record.get(self.config.id_field, index))
         request = GenerationRequest(doc["prompt"], self.config.max_new_tokens, self.config.system)
         return ProbeItem(item_id, doc["prompt"], request, doc)
