@@ -157,6 +157,10 @@ class HFEngine:
         special = not (bos and context.startswith(bos))
         whole = self.tokenizer(context + continuation, add_special_tokens=special)["input_ids"]
         prefix = self.tokenizer(context, add_special_tokens=special)["input_ids"]
+        if not prefix:  # the first token needs something to be predicted from
+            start = self.tokenizer.bos_token_id
+            start = self.tokenizer.eos_token_id if start is None else start
+            whole, prefix = [start, *whole], [start]
         tokens = len(whole) - len(prefix)
         if tokens <= 0:
             raise MergesearchError(f"continuation {request.continuation!r} adds no tokens")

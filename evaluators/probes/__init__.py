@@ -10,15 +10,17 @@ from evaluators.probes.base import Probe, ProbeConfig, ProbeItem
 from evaluators.probes.choice import ChoiceProbe, ChoiceProbeConfig
 from evaluators.probes.generation import GenerationProbe, GenerationProbeConfig
 from evaluators.probes.instruction import InstructionProbe, InstructionProbeConfig
+from evaluators.probes.lm_eval_task import LmEvalProbe, LmEvalProbeConfig
 
 PROBE_KINDS: dict[str, tuple[type[ProbeConfig], type[Probe]]] = {
     "generation": (GenerationProbeConfig, GenerationProbe),
     "instruction": (InstructionProbeConfig, InstructionProbe),
     "choice": (ChoiceProbeConfig, ChoiceProbe),
+    "lm_eval": (LmEvalProbeConfig, LmEvalProbe),
 }
 
 AnyProbeConfig = Annotated[
-    GenerationProbeConfig | InstructionProbeConfig | ChoiceProbeConfig,
+    GenerationProbeConfig | InstructionProbeConfig | ChoiceProbeConfig | LmEvalProbeConfig,
     Field(discriminator="kind"),
 ]
 

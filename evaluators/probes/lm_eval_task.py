@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import difflib
 import functools
-import numbers
 from pathlib import Path
 from typing import Any, Literal
 
@@ -83,8 +82,10 @@ class EngineLM(LM):
         return context
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        # lm-eval conditions an empty context on BOS, or on EOS where there is no BOS.
+        empty = "" if self._bos else self.engine.tokenizer.eos_token
         return self.engine.loglikelihood(
-            [LoglikelihoodRequest(self._text(context), continuation)
+            [LoglikelihoodRequest(self._text(context) or empty, continuation)
              for context, continuation in (r.args for r in requests)])
 
     def loglikelihood_rolling(self, requests) -> list[float]:
@@ -115,42 +116,51 @@ class EngineLM(LM):
 
 
 @functools.cache
-def _task_manager(include_path: Path | None, include_defaults: bool) -> TaskManager:
-    # Indexing lm-eval's built-in tasks takes seconds: share one index per include path.
-    return TaskManager(include_path=str(include_path) if include_path else None,
-                       include_defaults=include_defaults)
+def _all_tasks(include_path: Path | None) -> TaskManager:
+    # Indexing lm-eval's built-in tasks takes seconds: one index per include path.
+    return TaskManager(include_path=str(include_path) if include_path else None)
+
+
+def _prepare_ifeval_checkers() -> None:
+    """IFEval's checkers fetch nltk data when imported, which happens as its task loads: make
+    the offline fallback findable first. Its language checks are random unless seeded."""
+    ensure_sentence_tokenizer()
+    try:
+        import langdetect
+    except ImportError:
+        return
+    langdetect.DetectorFactory.seed = 0
 
 
 def _load_task(name: str, include_path: Path | None, where: str) -> Task:
-    # IFEval's checkers fetch nltk data when imported, which happens as the task loads.
-    ensure_sentence_tokenizer()
+    _prepare_ifeval_checkers()
     manager = None
-    if include_path is not None:
+    if include_path is not None:  # a user task: index only its folder, which is quick
         if not include_path.is_dir():
             raise ProbeError(f"{where}.include_path: folder {include_path} does not exist")
-        manager = _task_manager(include_path, False)
+        manager = TaskManager(include_path=str(include_path), include_defaults=False)
         if name not in manager.all_subtasks:
             manager = None
-    manager = manager or _task_manager(include_path, True)
+    manager = manager or _all_tasks(include_path)
     if name not in manager.all_tasks:
         close = difflib.get_close_matches(name, manager.all_tasks, n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ProbeError(f"{where}.task: lm-eval has no task {name!r}{hint}")
+    if name not in manager.all_subtasks:
+        raise ProbeError(f"{where}.task: {name!r} is a group or tag of lm-eval tasks; give one "
+                         "task per probe")
     try:
         tasks = manager.load(name)["tasks"]
     except Exception as e:  # lm-eval and datasets raise many kinds for one cause
         raise ProbeError(f"{where}: lm-eval task {name!r} could not be loaded "
                          f"({type(e).__name__}: {e}); its data set must be readable offline "
                          "(a local dataset_path, or the Hugging Face cache)") from None
-    if len(tasks) != 1:
-        raise ProbeError(f"{where}.task: {name!r} is a group of {len(tasks)} lm-eval tasks "
-                         f"({', '.join(sorted(tasks)[:5])}, ...); give one task per probe")
     return next(iter(tasks.values()))
 
 
 class LmEvalProbe(Probe):
     config: LmEvalProbeConfig
-    split_hint = "the task has too few documents; lower or raise dev_fraction"
+    split_hint = "the task has too few documents for both splits; change dev_fraction"
 
     def __init__(self, config: LmEvalProbeConfig, where: str):
         self.task = _load_task(config.task, config.include_path, where)
@@ -241,15 +251,18 @@ class LmEvalProbe(Probe):
         return str(responses[0][0])
 
     def _store(self, scores: dict[str, float], name: str, value: Any) -> None:
-        if isinstance(value, numbers.Real):
-            scores[name] = float(value)
-        elif isinstance(value, list) and all(isinstance(v, numbers.Real) for v in value):
-            scores[name] = sum(value) / len(value) if value else 0.0
-            scores[f"{name}_count"] = float(len(value))
-        else:
-            raise ProbeError(f"{self.where}: lm-eval metric {name!r} of task "
-                             f"{self.task_name!r} gives per-document values of type "
-                             f"{type(value).__name__}, which this probe cannot store")
+        if isinstance(value, list):
+            entries = [_number(v) for v in value]
+            if None not in entries:
+                scores[name] = sum(entries) / len(entries) if entries else 0.0
+                scores[f"{name}_count"] = float(len(entries))
+                return
+        elif (number := _number(value)) is not None:
+            scores[name] = number
+            return
+        raise ProbeError(f"{self.where}: lm-eval metric {name!r} of task {self.task_name!r} "
+                         f"gives per-document values of type {type(value).__name__}, which "
+                         "this probe cannot store")
 
     def aggregate(self, scores: list[dict[str, float]], metric: str) -> float:
         count = f"{metric}_count"
@@ -258,6 +271,16 @@ class LmEvalProbe(Probe):
             return sum(s[metric] * s[count] for s in scores) / total if total else 0.0
         aggregation = self._aggregations[metric.partition(",")[0]]
         return float(aggregation([s[metric] for s in scores]))
+
+
+def _number(value: Any) -> float | None:
+    """A per-document metric value as a float (bools and numpy scalars included), or None."""
+    if isinstance(value, str | bytes):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _metric_name(metric: str, filter_name: str) -> str:
