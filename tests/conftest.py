@@ -73,7 +73,7 @@ def probe_files(tmp_path_factory) -> dict[str, Path]:
             "instructions": write_jsonl(root / "instructions.jsonl", instructions)}
 
 
-def spec_dict(models: dict[str, Path], probes: dict[str, Path], **changes) -> dict:
+def spec_dict(models: dict[str, Path], probe_files: dict[str, Path], **changes) -> dict:
     spec = {
         "name": "tiny",
         "seed": 0,
@@ -81,10 +81,10 @@ def spec_dict(models: dict[str, Path], probes: dict[str, Path], **changes) -> di
                     {"name": "instruct", "path": str(models["instruct"])}],
         "merge": {"method": "linear", "genes": "per_layer"},
         "probes": [
-            {"name": "radiology", "kind": "generation", "path": str(probes["radiology"]),
+            {"name": "radiology", "kind": "generation", "path": str(probe_files["radiology"]),
              "fields": {"input": "findings", "reference": "impression"},
              "template": "Summarize: {{ findings }}", "max_new_tokens": 8},
-            {"name": "ifeval", "kind": "instruction", "path": str(probes["instructions"]),
+            {"name": "ifeval", "kind": "instruction", "path": str(probe_files["instructions"]),
              "max_new_tokens": 8},
         ],
         "objectives": [{"name": "clinical", "probes": ["radiology"]},
