@@ -47,3 +47,16 @@ def test_evaluate_runs_the_four_probe_kinds(cli, write_spec, parents, probe_file
         assert result["probes"][probe]["acc"] == sum(mine) / len(mine)
     assert result["objectives"]["medqa"] == (result["probes"]["qa"]["acc"]
                                              + result["probes"]["lm"]["acc"]) / 2
+
+
+def test_the_example_spec_over_the_shipped_probe_sets_builds():
+    from pathlib import Path
+
+    from search.spec import load_spec
+    from search.workbench import build_suite
+
+    spec = load_spec(Path(__file__).parents[1] / "examples/clinical_suite.yaml")
+    suite = build_suite(spec)
+    assert {type(p).__name__ for p in suite.probes.values()} == {
+        "GenerationProbe", "InstructionProbe", "ChoiceProbe"}
+    assert all(p.items("dev") and p.items("test") for p in suite.probes.values())
