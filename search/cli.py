@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -137,9 +139,12 @@ def evaluate(
 
     if split not in ("dev", "test"):
         raise MergesearchError(f"--split {split!r}: choose dev or test")
-    result = evaluate_model(spec_path, model, split)
-    if items is not None:
-        _write_jsonl(items, [item.to_dict() for item in result.items])
+    if items is None:
+        result = evaluate_model(spec_path, model, split)
+    else:  # streamed to a hidden file beside OUT, renamed into place when complete
+        with _jsonl_writer(items) as write:
+            result = evaluate_model(spec_path, model, split,
+                                    lambda chunk: write([item.to_dict() for item in chunk]))
     summary = {"model": str(model), "split": split, "objectives": result.objectives,
                "probes": result.probes}
     if as_json:
@@ -149,13 +154,22 @@ def evaluate(
             typer.echo(f"{name:>20}  {value:.4f}")
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
+@contextlib.contextmanager
+def _jsonl_writer(path: Path) -> Iterator[Callable[[list[dict]], None]]:
+    """Append rows to a hidden file beside `path`, flushed per call; rename it to `path` on
+    success, delete it on failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            def write(rows: list[dict]) -> None:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+                f.flush()
+            yield write
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 @app.command()

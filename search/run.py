@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from optuna.trial import TrialState
 
 from evaluators.engines import HFEngine
-from evaluators.suite import SuiteResult
+from evaluators.suite import ItemResult, SuiteResult
 from search.report import top_trials
 from search.spec import load_spec
 from search.study import (
@@ -68,12 +69,19 @@ def join_study(storage: str, name: str | None, n_trials: int | None,
     return f"study {study.study_name}: {finished_count(study)} finished trials"
 
 
-def evaluate_model(spec_path: Path, model: Path, split: str) -> SuiteResult:
+def evaluate_model(spec_path: Path, model: Path, split: str,
+                   on_items: Callable[[list[ItemResult]], None] | None = None) -> SuiteResult:
+    """Score `model` on the spec's probes; `on_items` gets each chunk's results as they come."""
     spec = load_spec(spec_path)
     suite = build_suite(spec)
     engine = HFEngine(model, spec.engine.device, spec.engine.dtype, spec.engine.batch_size)
+    items: list[ItemResult] = []
     try:
-        return suite.evaluate(engine, split, spec.evaluation.chunk_size)
+        for chunk in suite.chunks(engine, split, spec.evaluation.chunk_size):
+            items += chunk
+            if on_items is not None:
+                on_items(chunk)
+        return suite.summarize(items)
     finally:
         engine.close()
 
