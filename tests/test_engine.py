@@ -80,6 +80,10 @@ def test_greedy_flag_and_stop_strings():
     stop = words[2]
     stopped = engine.generate([GenerationRequest(prompt.prompt, 16, stop=(stop,))])
     assert stopped[0] == free[: free.index(stop)].strip()
+    # A stop string spanning the prompt's end and the output's start is not in the output.
+    across = "\n" + free[:3]
+    assert text.endswith("\n") and across not in free
+    assert engine.generate([GenerationRequest(prompt.prompt, 16, stop=(across,))]) == [free]
 
 
 def test_few_shot_examples_become_turns_or_text(parents):

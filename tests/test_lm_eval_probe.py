@@ -179,7 +179,8 @@ def test_chat_template_system_prompt_and_few_shot(tasks, engine, monkeypatch):
     items = probe.items("test")[:2]
     first = probe.run(engine, items)
     assert contexts[0].startswith("<|system|>\nBe brief.<|end|>\n<|user|>\nQuestion: ")
-    assert contexts[0].count("Question: ") == 3 and contexts[0].endswith("<|assistant|>\n")
+    # lm-eval moves the template's closing newline into the continuation
+    assert contexts[0].count("Question: ") == 3 and contexts[0].endswith("<|assistant|>")
     _assert_aggregates_match_lm_eval(probe, first)
     seen = list(contexts)
     contexts.clear()
@@ -224,3 +225,31 @@ def test_bad_tasks_are_probe_errors(tasks, tmp_path):
         _probe(tmp_path, "tiny_rolling")
     with pytest.raises(ProbeError, match="has no metric 'f1'"):
         _probe(tasks, "tiny_mc", metric="f1")
+
+
+def test_the_adapter_scores_as_lm_evals_own_hf_model():
+    """The same requests through our engine and through lm-eval's HFLM on one model: equal
+    log-likelihoods, greedy flags and generations (chat contexts and stop strings included)."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from evaluators.probes.lm_eval_task import EngineLM
+    from tests.test_engine import DEMO_INSTRUCT
+
+    engine = HFEngine(DEMO_INSTRUCT, device="cpu")
+    ours = EngineLM(engine, 32)
+    theirs = HFLM(pretrained=str(DEMO_INSTRUCT), device="cpu", dtype="float32", batch_size=4)
+    chat = engine.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Is the chest clear?"}], tokenize=False,
+        add_generation_prompt=True)
+    pairs = [("Question: is it clear?\nAnswer:", " yes"), (chat, " maybe, the lungs"),
+             (chat, "yes"), ("Answer: ", "yes"), ("Answer:\n\n", "yes")]
+    requests = [Instance("loglikelihood", {}, p, i) for i, p in enumerate(pairs)]
+    for mine, reference in zip(ours.loglikelihood(requests),
+                               theirs.loglikelihood(requests, disable_tqdm=True), strict=True):
+        assert mine[0] == pytest.approx(reference[0], abs=1e-3) and mine[1] == reference[1]
+    generations = [Instance("generate_until", {}, (c, {"until": ["\n"], "max_gen_toks": 10}), i)
+                   for i, c in enumerate(["Question: is it clear?\nAnswer:", chat,
+                                          "Tell me about sleep."])]
+    assert ours.generate_until(generations) == theirs.generate_until(generations,
+                                                                     disable_tqdm=True)

@@ -23,6 +23,7 @@ class GenerationRequest:
     chat: bool = True
     stop: tuple[str, ...] = ()
     examples: tuple[tuple[str, str], ...] = ()
+    strip: bool = True  # strip the output's surrounding whitespace (lm-eval does not)
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,12 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 from evaluators.engines.base import GenerationRequest, LoglikelihoodRequest, cut_at_stop
 from mergesearch.devices import resolve_device
@@ -31,6 +36,22 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     if dtype == "auto":
         return torch.float32 if device == "cpu" else torch.bfloat16
     return DTYPES[dtype]
+
+
+class StopStrings(StoppingCriteria):
+    """Stop a sequence once its generated text (never the prompt) holds a stop string."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...], prompt_length: int):
+        self.tokenizer, self.stop, self.prompt_length = tokenizer, stop, prompt_length
+        # Only the last few tokens can complete a stop string: decode a window, not it all.
+        self.window = max(len(tokenizer(s, add_special_tokens=False)["input_ids"])
+                          for s in stop) + 2
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        new = input_ids[:, self.prompt_length :][:, -self.window :]
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return torch.tensor([any(s in t for s in self.stop) for t in texts],
+                            device=input_ids.device)
 
 
 class HFEngine:
@@ -109,21 +130,21 @@ class HFEngine:
         outputs: list[str | None] = [None] * len(requests)
         encoded = [self.encode(r) for r in requests]
         # Batch prompts of similar length with the same budget and stops together.
-        order = sorted(range(len(requests)), key=lambda i: (
-            requests[i].max_new_tokens, requests[i].stop, len(encoded[i])))
+        key = [(r.max_new_tokens, r.stop) for r in requests]
+        order = sorted(range(len(requests)), key=lambda i: (key[i], len(encoded[i])))
         start = 0
         while start < len(order):
-            first = requests[order[start]]
-            stop = first.stop
-            batch = list(itertools.takewhile(lambda i, stop=stop: requests[i].stop == stop,
+            first = key[order[start]]
+            batch = list(itertools.takewhile(lambda i, first=first: key[i] == first,
                                              order[start : start + self.batch_size]))
             start += len(batch)
-            budget = max(requests[i].max_new_tokens for i in batch)
+            budget, stop = first
             enc = self.tokenizer.pad(
                 {"input_ids": [encoded[i] for i in batch]}, return_tensors="pt"
             ).to(self.device)
-            stops = {"stop_strings": list(first.stop), "tokenizer": self.tokenizer} \
-                if first.stop else {}
+            prompt_length = enc["input_ids"].shape[1]
+            criteria = StoppingCriteriaList(
+                [StopStrings(self.tokenizer, stop, prompt_length)] if stop else [])
             generated = self.model.generate(
                 **enc,
                 do_sample=False,
@@ -133,13 +154,11 @@ class HFEngine:
                 # end of text); only fall back to the tokenizer's when it names none.
                 eos_token_id=self.model.generation_config.eos_token_id
                 or self.tokenizer.eos_token_id,
-                **stops,
+                stopping_criteria=criteria,
             )
-            new_tokens = generated[:, enc["input_ids"].shape[1] :]
-            for i, tokens in zip(batch, new_tokens, strict=True):
-                tokens = tokens[: requests[i].max_new_tokens]
-                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                outputs[i] = cut_at_stop(text, requests[i].stop).strip()
+            for i, tokens in zip(batch, generated[:, prompt_length:], strict=True):
+                text = cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), stop)
+                outputs[i] = text.strip() if requests[i].strip else text
         return outputs  # type: ignore[return-value]
 
     def _continuation_tokens(self, request: LoglikelihoodRequest) -> tuple[list[int], int]:
@@ -164,6 +183,9 @@ class HFEngine:
         tokens = len(whole) - len(prefix)
         if tokens <= 0:
             raise MergesearchError(f"continuation {request.continuation!r} adds no tokens")
+        if tokens >= self.max_length:
+            raise MergesearchError(f"continuation of {tokens} tokens does not fit in the "
+                                   f"model's {self.max_length} positions")
         return whole[-self.max_length :], tokens
 
     @torch.no_grad()

@@ -61,6 +61,13 @@ class LmEvalProbeConfig(ProbeConfig):
     dev_fraction: float = Field(0.5, gt=0, lt=1)
 
 
+def _lm_eval_split(context: str, continuation: str) -> LoglikelihoodRequest:
+    """lm-eval moves all whitespace ending a context (newlines too) into the continuation;
+    the engine itself moves only spaces, so do the rest here to score as lm-eval does."""
+    stripped = context.rstrip()
+    return LoglikelihoodRequest(stripped, context[len(stripped):] + continuation)
+
+
 class EngineLM(LM):
     """lm-eval's model interface over a live engine. Contexts arrive formatted by lm-eval
     (chat template included when asked), so they go to the engine as plain text."""
@@ -85,7 +92,7 @@ class EngineLM(LM):
         # lm-eval conditions an empty context on BOS, or on EOS where there is no BOS.
         empty = "" if self._bos else self.engine.tokenizer.eos_token
         return self.engine.loglikelihood(
-            [LoglikelihoodRequest(self._text(context) or empty, continuation)
+            [_lm_eval_split(self._text(context) or empty, continuation)
              for context, continuation in (r.args for r in requests)])
 
     def loglikelihood_rolling(self, requests) -> list[float]:
@@ -98,7 +105,8 @@ class EngineLM(LM):
             engine_requests.append(GenerationRequest(
                 prompt=self._text(context), chat=False,
                 stop=(until,) if isinstance(until, str) else tuple(until),
-                max_new_tokens=gen_kwargs.get("max_gen_toks", self.max_new_tokens)))
+                max_new_tokens=gen_kwargs.get("max_gen_toks", self.max_new_tokens),
+                strip=False))
         return self.engine.generate(engine_requests)
 
     def apply_chat_template(self, chat_history: list[dict[str, str]],
