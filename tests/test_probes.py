@@ -265,3 +265,37 @@ def test_wrong_ifeval_arguments_are_refused_when_the_probe_is_built(tmp_path):
            "kwargs": [{"num_words": 3}]}
     with pytest.raises(ProbeError, match=r"item 1: kwargs of 'punctuation:no_comma'.*num_words"):
         _ifeval_probe(write_jsonl(tmp_path / "i.jsonl", [doc]))
+
+
+@pytest.mark.parametrize("doc,needle", [
+    ({"instruction_id_list": ["length_constraints:number_words"], "kwargs": [{}]},
+     "kwargs of 'length_constraints:number_words' lack num_words, relation"),
+    ({"instruction_id_list": ["punctuation:no_comma"], "kwargs": ["x"]},
+     "kwargs must be a list of one object per instruction"),
+    ({"instruction_id_list": ["punctuation:no_comma"], "kwargs": 3},
+     "kwargs must be a list of one object per instruction"),
+    ({"instruction_id_list": "punctuation:no_comma", "kwargs": [{}]},
+     "instruction_id_list must be a non-empty list of ids"),
+])
+def test_malformed_ifeval_records_are_refused(tmp_path, doc, needle):
+    path = write_jsonl(tmp_path / "i.jsonl", [{"key": 1, "prompt": "p", **doc}])
+    with pytest.raises(ProbeError, match=r"item 1: " + needle):
+        _ifeval_probe(path)
+
+
+def test_templates_and_readers_fail_on_an_item_with_its_name(tmp_path):
+    rows = [{"id": str(i), "findings": "x", "impression": "y", "self": "z", "split": split}
+            for i, split in enumerate(("dev", "test"))]
+    probe = _generation(write_jsonl(tmp_path / "ok.jsonl", rows))  # a column named `self`
+    assert probe.items("dev")[0].prompt == "Findings: x"
+    rows = rows[:1]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    config = GenerationProbeConfig(kind="generation", name="g", path=path,
+                                   fields={"input": "findings", "reference": "impression"},
+                                   template="{{ input + 1 }}")
+    with pytest.raises(ProbeError, match=r"item 1: the template fails on this item"):
+        build_probe(config, "probes[0]")
+    pubmedqa = {"1": {"QUESTION": "Q?", "CONTEXTS": "one string", "final_decision": "yes"}}
+    (tmp_path / "ori_pqal.json").write_text(json.dumps(pubmedqa))
+    with pytest.raises(ProbeError, match=r"item 1: CONTEXTS must be a list of strings"):
+        _choice(tmp_path / "ori_pqal.json", format="pubmedqa")

@@ -12,12 +12,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import jinja2
 from pydantic import BaseModel, ConfigDict, Field
 
 from evaluators.data import field_of
 from evaluators.engines.base import LoglikelihoodRequest
 from evaluators.probes.base import FileProbe, FileProbeConfig, ProbeItem
+from evaluators.probes.templates import PromptTemplate
 from mergesearch.errors import ProbeError
 
 LETTERS = "ABCDEFGHIJ"
@@ -67,6 +67,12 @@ def _options(raw: Any, file: Path, index: int) -> list[str]:
                      f"not {raw!r}")
 
 
+def _texts(value: Any, name: str, file: Path, index: int) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ProbeError(f"{file}: item {index + 1}: {name} must be a list of strings")
+    return value
+
+
 def _answer_index(answer: Any, options: list[str], file: Path, index: int) -> int:
     if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(options):
         return answer
@@ -88,10 +94,7 @@ class ChoiceProbe(FileProbe):
 
     def __init__(self, config: ChoiceProbeConfig, where: str):
         text = config.template or TEMPLATES[config.format]
-        try:
-            self.template = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(text)
-        except jinja2.TemplateSyntaxError as e:
-            raise ProbeError(f"{where}.template: invalid Jinja template ({e.message})") from None
+        self.template = PromptTemplate(text, where)
         # lm-eval scores the letters of prompts that list the options (MedQA, MedMCQA)
         listed = config.template is None and config.format != "pubmedqa"
         self.letters = config.score_letters if config.score_letters is not None else listed
@@ -104,7 +107,8 @@ class ChoiceProbe(FileProbe):
             options = ["yes", "no", "maybe"]
             return {"id": record.get("id", index),
                     "question": field_of(record, "QUESTION", file, index),
-                    "context": "\n".join(field_of(record, "CONTEXTS", file, index)),
+                    "context": "\n".join(_texts(field_of(record, "CONTEXTS", file, index),
+                                                "CONTEXTS", file, index)),
                     "options": options,
                     "answer": _answer_index(field_of(record, "final_decision", file, index),
                                             options, file, index)}
@@ -140,11 +144,10 @@ class ChoiceProbe(FileProbe):
 
     def make_item(self, record: dict[str, Any], file: Path, index: int) -> ProbeItem:
         parsed = self._parsed(record, file, index)
-        try:
-            prompt = self.template.render(**{**record, **parsed, "letters": LETTERS})
-        except jinja2.UndefinedError as e:
-            raise ProbeError(f"{file}: item {index + 1}: the template uses a field the item "
-                             f"does not have ({e.message})") from None
+        if len(parsed["options"]) > len(LETTERS):
+            raise ProbeError(f"{file}: item {index + 1}: {len(parsed['options'])} options; "
+                             f"at most {len(LETTERS)} are supported")
+        prompt = self.template.render({**record, **parsed, "letters": LETTERS}, file, index)
         options = parsed["options"]
         choices = list(LETTERS[: len(options)]) if self.letters else options
         requests = [LoglikelihoodRequest(prompt, f" {choice}") for choice in choices]

@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import jinja2
 import sacrebleu
 from pydantic import BaseModel, ConfigDict, Field
 from rouge_score import rouge_scorer
@@ -16,6 +15,7 @@ from rouge_score import rouge_scorer
 from evaluators.data import field_of, read_records
 from evaluators.engines.base import GenerationRequest
 from evaluators.probes.base import FileProbe, FileProbeConfig, ProbeItem
+from evaluators.probes.templates import PromptTemplate
 from mergesearch.errors import ProbeError
 
 
@@ -51,12 +51,7 @@ class GenerationProbe(FileProbe):
     default_metric = "rougeL"
 
     def __init__(self, config: GenerationProbeConfig, where: str):
-        try:
-            self.template = jinja2.Environment(undefined=jinja2.StrictUndefined).from_string(
-                config.template
-            )
-        except jinja2.TemplateSyntaxError as e:
-            raise ProbeError(f"{where}.template: invalid Jinja template ({e.message})") from None
+        self.template = PromptTemplate(config.template, where)
         self.scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
         self.bertscore = None
         if config.bertscore_model is not None:
@@ -69,12 +64,14 @@ class GenerationProbe(FileProbe):
 
     def load_items(self) -> dict[str, list[ProbeItem]]:
         config = self.config
+        items = super().load_items()
         if config.fewshot_path is not None:
             shots = [self.make_item(r, config.fewshot_path, i) for i, r in
                      enumerate(read_records(config.fewshot_path, f"{self.where}.fewshot_path"))]
-            items = super().load_items()
+            test = {(i.prompt, i.data["reference"]) for i in items["test"]}
+            if any((s.prompt, s.data["reference"]) in test for s in shots[: config.fewshot]):
+                raise ProbeError(f"{self.where}.fewshot_path: an example is also a test item")
         else:
-            items = super().load_items()
             shots = items["dev"][: config.fewshot]
             del items["dev"][: config.fewshot]
         if len(shots) < config.fewshot:
@@ -92,12 +89,7 @@ class GenerationProbe(FileProbe):
     def make_item(self, record: dict[str, Any], file: Path, index: int) -> ProbeItem:
         fields = self.config.fields
         values = {**record, "input": field_of(record, fields.input, file, index)}
-        try:
-            prompt = self.template.render(**values)
-        except jinja2.UndefinedError as e:
-            raise ProbeError(f"{file}: item {index + 1}: the template uses a field the item "
-                             f"does not have ({e.message}; its fields: "
-                             f"{', '.join(sorted(record))})") from None
+        prompt = self.template.render(values, file, index)
         reference = str(field_of(record, fields.reference, file, index))
         item_id = str(record.get(fields.id, index))
         return ProbeItem(item_id, prompt, None, {"reference": reference})

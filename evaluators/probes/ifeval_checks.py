@@ -58,6 +58,13 @@ def instruction_description(instruction_id: str, kwargs: dict[str, Any]) -> str:
         random.setstate(state)
 
 
+def instruction_arguments(instruction_id: str) -> list[str]:
+    """The arguments IFEval's checker for `instruction_id` takes."""
+    registry, _ = _ifeval()
+    return list(registry.INSTRUCTION_DICT[instruction_id](instruction_id)
+                .get_instruction_args_keys())
+
+
 def instruction_results(doc: dict[str, Any], response: str) -> dict[str, Any]:
     """lm-eval's own IFEval scoring of one response: prompt- and instruction-level, strict
     and loose (`prompt_level_strict_acc`, `inst_level_strict_acc`, ...)."""

@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import Field
+
 from evaluators.data import field_of
 from evaluators.engines.base import GenerationRequest
 from evaluators.probes.base import FileProbe, FileProbeConfig, ProbeItem
 from evaluators.probes.ifeval_checks import (
+    instruction_arguments,
     instruction_description,
     instruction_results,
     known_instruction_ids,
@@ -24,6 +27,7 @@ _INST_LEVEL = {"inst_level_strict": "inst_level_strict_acc",
 class InstructionProbeConfig(FileProbeConfig):
     kind: Literal["instruction"]
     id_field: str = "key"
+    max_new_tokens: int = Field(1280, gt=0, description="IFEval's own budget by default")
 
 
 class InstructionProbe(FileProbe):
@@ -44,25 +48,37 @@ class InstructionProbe(FileProbe):
     def make_item(self, record: dict[str, Any], path: Path, index: int) -> ProbeItem:
         doc = {k: field_of(record, k, path, index) for k in ("prompt", "instruction_id_list",
                                                               "kwargs")}
-        if not doc["instruction_id_list"]:
-            raise ProbeError(f"{path}: item {index + 1}: instruction_id_list is empty")
-        unknown = [i for i in doc["instruction_id_list"] if i not in self.known]
+        where = f"{path}: item {index + 1}"
+        ids, kwargs = doc["instruction_id_list"], doc["kwargs"]
+        if not isinstance(doc["prompt"], str):
+            raise ProbeError(f"{where}: prompt must be text")
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids) or not ids:
+            raise ProbeError(f"{where}: instruction_id_list must be a non-empty list of ids")
+        unknown = [i for i in ids if i not in self.known]
         if unknown:
-            raise ProbeError(f"{path}: item {index + 1}: unknown IFEval instruction {unknown[0]!r}")
-        if len(doc["kwargs"]) != len(doc["instruction_id_list"]):
-            raise ProbeError(
-                f"{path}: item {index + 1}: kwargs must have one entry per instruction"
-            )
-        for instruction, kwargs in zip(doc["instruction_id_list"], doc["kwargs"], strict=True):
-            try:  # IFEval's checkers take their arguments here; a wrong one fails now
-                instruction_description(instruction, {k: v for k, v in (kwargs or {}).items()
-                                                      if v})  # lm-eval drops falsy values
-            except (TypeError, ValueError) as e:
-                raise ProbeError(f"{path}: item {index + 1}: kwargs of {instruction!r}: "
-                                 f"{e}") from None
+            raise ProbeError(f"{where}: unknown IFEval instruction {unknown[0]!r}")
+        if not isinstance(kwargs, list) or len(kwargs) != len(ids) or not all(
+                isinstance(k, dict) for k in kwargs):
+            raise ProbeError(f"{where}: kwargs must be a list of one object per instruction")
+        for instruction, given in zip(ids, kwargs, strict=True):
+            self._check_arguments(instruction, given, where)
         item_id = str(record.get(self.config.id_field, index))
         request = GenerationRequest(doc["prompt"], self.config.max_new_tokens, self.config.system)
         return ProbeItem(item_id, doc["prompt"], request, doc)
+
+    @staticmethod
+    def _check_arguments(instruction: str, given: dict[str, Any], where: str) -> None:
+        """IFEval's checkers fill a missing argument at random (so scores would vary from
+        call to call) and fail on unknown ones: both are refused here, before any model work.
+        Falsy values count as missing, as lm-eval drops them."""
+        present = {k: v for k, v in given.items() if v}
+        missing = sorted(set(instruction_arguments(instruction)) - set(present))
+        if missing:
+            raise ProbeError(f"{where}: kwargs of {instruction!r} lack {', '.join(missing)}")
+        try:
+            instruction_description(instruction, present)
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ProbeError(f"{where}: kwargs of {instruction!r}: {e}") from None
 
     def score(self, item: ProbeItem, output: str) -> dict[str, float]:
         results = instruction_results(item.data, output)
