@@ -299,3 +299,14 @@ def test_templates_and_readers_fail_on_an_item_with_its_name(tmp_path):
     (tmp_path / "ori_pqal.json").write_text(json.dumps(pubmedqa))
     with pytest.raises(ProbeError, match=r"item 1: CONTEXTS must be a list of strings"):
         _choice(tmp_path / "ori_pqal.json", format="pubmedqa")
+
+
+def test_choice_refuses_generation_settings_and_unmatched_test_ids(tmp_path):
+    rows = [{"id": str(i), "question": "Q?", "options": ["a", "b"], "answer": 0}
+            for i in range(4)]
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    with pytest.raises(ProbeError, match=r"probes\[2\]\.system: choice probes"):
+        _choice(path, system="Be brief.")
+    (tmp_path / "ids.txt").write_text("nope\n")
+    with pytest.raises(ProbeError, match=r"no test items; check that the ids in .*ids\.txt"):
+        _choice(path, test_ids=tmp_path / "ids.txt")

@@ -70,11 +70,13 @@ class Probe:
         self._items: dict[str, list[ProbeItem]] = self.load_items()
         for split, items in self._items.items():
             if not items:
-                raise ProbeError(f"{where}: the probe has no {split} items; {self.split_hint}")
+                raise ProbeError(f"{where}: the probe has no {split} items; "
+                                 f"{self.split_hint()}")
             if config.limit:
                 del items[config.limit :]
 
-    split_hint = "check its data"
+    def split_hint(self) -> str:
+        return "check its data"
 
     def load_items(self) -> dict[str, list[ProbeItem]]:
         raise NotImplementedError
@@ -101,8 +103,12 @@ class FileProbe(Probe):
     """A probe whose items are records of data files; `make_item` turns one into an item."""
 
     config: FileProbeConfig
-    split_hint = ("give each item a split field of dev or test, or leave it out to split by "
-                  "id, or give one file per split")
+    def split_hint(self) -> str:
+        if self.config.test_ids is not None:
+            return (f"check that the ids in {self.config.test_ids} are item ids of "
+                    f"{self.config.path} (and that not every item is listed)")
+        return ("give each item a split field of dev or test, or leave it out to split by "
+                "id, or give one file per split")
 
     def records(self) -> list[tuple[dict[str, Any], Path, int, str | None]]:
         """(record, file, index in file, split the file fixes or None) of every record."""

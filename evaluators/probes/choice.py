@@ -93,6 +93,10 @@ class ChoiceProbe(FileProbe):
     default_metric = "acc"
 
     def __init__(self, config: ChoiceProbeConfig, where: str):
+        unused = sorted({"system", "max_new_tokens"} & config.model_fields_set)
+        if unused:
+            raise ProbeError(f"{where}.{unused[0]}: choice probes score log-likelihoods of "
+                             "raw text; they take no system prompt and generate nothing")
         text = config.template or TEMPLATES[config.format]
         self.template = PromptTemplate(text, where)
         # lm-eval scores the letters of prompts that list the options (MedQA, MedMCQA)

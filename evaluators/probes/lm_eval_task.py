@@ -168,7 +168,9 @@ def _load_task(name: str, include_path: Path | None, where: str) -> Task:
 
 class LmEvalProbe(Probe):
     config: LmEvalProbeConfig
-    split_hint = "the task has too few documents for both splits; change dev_fraction"
+
+    def split_hint(self) -> str:
+        return "the task has too few documents for both splits; change dev_fraction"
 
     def __init__(self, config: LmEvalProbeConfig, where: str):
         self.task = _load_task(config.task, config.include_path, where)
