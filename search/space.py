@@ -7,17 +7,21 @@ Any parameter of the merge method can be searched, with one value per gene:
 - every parameter `merge.params` gives a range for (density, lambda, gamma, epsilon, ...);
   per-model ones get one value per model and gene (`density[clinical][layers.3]`).
 Genes are the layers (`per_layer`), the layers' attention and MLP blocks and the rest of each
-layer (`per_module`), or one value for the whole model (`global`); with `outer_genes`,
-embeddings, final norm and lm_head get values of their own.
+layer (`per_module`, also called `per_layer_module`), K control points across depth
+interpolated to every layer (`anchors`, so 32 layers cost K values), or one value for the
+whole model (`global`); with `outer_genes`, embeddings, final norm and lm_head get values of
+their own. `gene_bounds` narrows or widens the mixing range of chosen genes.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import optuna
 
+from mergesearch.errors import SpecError
 from merging.layout import ModelLayout
 from merging.methods import Param, get_method
 from merging.recipe import DEFAULT_GENE, MergeRecipe
@@ -46,16 +50,60 @@ class Dimension:
         return f"{self.label or self.param}{model}[{self.gene}]"
 
 
-def genes(layout: ModelLayout, granularity: str, outer: bool) -> list[str]:
+ANCHOR = "anchor."  # gene prefix of the control points of `anchors` genes
+
+
+def genes(layout: ModelLayout, granularity: str, outer: bool, anchors: int = 4) -> list[str]:
     if granularity == "global":
         inner = [DEFAULT_GENE]
-    elif granularity == "per_module":
+    elif granularity in ("per_module", "per_layer_module"):
         inner = [f"{g}{kind}" for g in layout.layer_genes() for kind in (".attn", ".mlp", "")]
+    elif granularity == "anchors":
+        inner = [f"{ANCHOR}{k}" for k in range(anchors)]
     else:
         inner = layout.layer_genes()
     if outer:
         return inner + layout.outer_genes()
     return inner if granularity == "global" else inner + [DEFAULT_GENE]
+
+
+def expand_anchors(values: dict[str, float], num_layers: int) -> dict[str, float]:
+    """Replace `anchor.k` genes by one value per layer: anchor k of K sits at depth
+    k/(K-1) and layer i of L at i/(L-1), interpolated linearly between anchors (mergekit's
+    gradient rule, so a merge searched this way exports as a gradient list)."""
+    points = sorted((int(g[len(ANCHOR):]), v) for g, v in values.items() if g.startswith(ANCHOR))
+    if not points:
+        return values
+    out = {g: v for g, v in values.items() if not g.startswith(ANCHOR)}
+    anchor_values = [v for _, v in points]
+    for i in range(num_layers):
+        at = (i / (num_layers - 1) if num_layers > 1 else 0.0) * (len(anchor_values) - 1)
+        low = min(int(at), len(anchor_values) - 2)
+        frac = at - low
+        out[f"layers.{i}"] = (1 - frac) * anchor_values[low] + frac * anchor_values[low + 1]
+    return out
+
+
+def _gene_bounds(gene: str, bounds: tuple[float, float],
+                 overrides: dict[str, tuple[float, float]]) -> tuple[float, float]:
+    """The most specific override of `gene` (`layers.3.attn`, then `layers.3`), or bounds."""
+    key = gene
+    while True:
+        if key in overrides:
+            return overrides[key]
+        if "." not in key:
+            return bounds
+        key = key.rsplit(".", 1)[0]
+
+
+def _check_gene_keys(keys: dict[str, Any], layout: ModelLayout, anchors: int) -> None:
+    known = set(layout.genes_by_tensor.values()) | set(layout.layer_genes()) | {
+        f"{ANCHOR}{k}" for k in range(anchors)}
+    for key in keys:
+        if key not in known:
+            raise SpecError(f"merge.gene_bounds.{key}: not a gene of these parents (genes: "
+                            "embed, norm, lm_head, layers.N, layers.N.attn, layers.N.mlp, "
+                            f"anchor.K; this model has {layout.num_layers} layers)")
 
 
 class SearchSpace:
@@ -67,25 +115,29 @@ class SearchSpace:
         self.vocab_source = spec.source_parent.name
         self.seed = spec.seed
         self.pair_t = self.method.name in NORMALISED_PAIR and len(self.models) == 2
-        default_genes = genes(layout, merge.genes, merge.outer_genes)
-        low, high = merge.bounds
+        self.num_layers = layout.num_layers
+        default_genes = genes(layout, merge.genes, merge.outer_genes, merge.anchors)
+        _check_gene_keys(merge.gene_bounds, layout, merge.anchors)
         self.fixed: dict[str, float] = {}
         self.dimensions: list[Dimension] = []
         for param in self.method.params:
             setting = merge.params.get(param.name)
-            if param.name in ("weight", "t"):
-                setting = ParamRange(low=low, high=high)
+            mixing = param.name in ("weight", "t")
+            if mixing:
+                setting = ParamRange(low=merge.bounds[0], high=merge.bounds[1])
             if setting is None:
                 continue
             if not isinstance(setting, ParamRange):
                 self.fixed[param.name] = setting
                 continue
-            gene_list = (genes(layout, setting.genes, merge.outer_genes) if setting.genes
-                         else default_genes)
+            gene_list = (genes(layout, setting.genes, merge.outer_genes, merge.anchors)
+                         if setting.genes else default_genes)
             label = "t" if param.name == "weight" and self.pair_t else None
-            self.dimensions += [
-                Dimension(param.name, model, gene, setting.low, setting.high, label)
-                for model in self._models_of(param) for gene in gene_list]
+            for model in self._models_of(param):
+                for gene in gene_list:
+                    low, high = (_gene_bounds(gene, merge.bounds, merge.gene_bounds) if mixing
+                                 else (setting.low, setting.high))
+                    self.dimensions.append(Dimension(param.name, model, gene, low, high, label))
 
     def _models_of(self, param: Param) -> list[str | None]:
         if not param.per_model:
@@ -116,11 +168,17 @@ class SearchSpace:
                 model_params[d.model].setdefault(d.param, {})[d.gene] = value
             else:
                 params.setdefault(d.param, {})[d.gene] = value
+        params = {k: self._expanded(v) for k, v in params.items()}
+        model_params = {m: {k: self._expanded(v) for k, v in p.items()}
+                        for m, p in model_params.items()}
         return MergeRecipe(
             method=self.method.name, models=tuple(self.models), base=self.base,
             model_params={m: p for m, p in model_params.items() if p}, params=params,
             seed=self.seed * 1_000_003 + number, vocab_source=self.vocab_source,
         )
+
+    def _expanded(self, value: float | dict[str, float]) -> float | dict[str, float]:
+        return expand_anchors(value, self.num_layers) if isinstance(value, dict) else value
 
     def _constant(self, weights: dict[str, float]) -> dict[str, float] | None:
         """Optuna values giving every gene the same model weights (t for slerp: the share of

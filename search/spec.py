@@ -28,7 +28,9 @@ class ModelRef(_Strict):
     path: Path
 
 
-Granularity = Literal["per_layer", "per_module", "global"]
+# per_module and per_layer_module are one thing (attention and MLP apart in every layer);
+# anchors: `merge.anchors` control points across depth, interpolated to every layer.
+Granularity = Literal["per_layer", "per_module", "per_layer_module", "anchors", "global"]
 
 
 class ParamRange(_Strict):
@@ -48,8 +50,12 @@ class MergeSpec(_Strict):
     base: str | None = Field(None, description="parent the task vectors are taken from "
                              "(task-vector methods, slerp, model_stock)")
     genes: Granularity = "per_layer"
+    anchors: int = Field(4, ge=2, description="control points across depth for genes: anchors")
     outer_genes: bool = Field(True, description="embed, final norm and lm_head as own genes")
     bounds: tuple[float, float] = Field((0.0, 1.0), description="range of weight and t")
+    gene_bounds: dict[str, tuple[float, float]] = Field(
+        default_factory=dict, description="range of weight and t for some genes (embed, norm, "
+        "lm_head, layers.N, layers.N.attn, anchor.K): the most specific key wins")
     params: dict[str, float | tuple[float, float] | ParamRange] = Field(
         default_factory=dict, description="other method parameters: a number fixes one, "
         "[low, high] or {low, high, genes} searches it")
@@ -60,8 +66,11 @@ class MergeSpec(_Strict):
 
     @model_validator(mode="after")
     def _valid(self) -> MergeSpec:
-        if not self.bounds[0] < self.bounds[1]:
-            raise ValueError(f"bounds must be [low, high] with low < high, not {self.bounds}")
+        for key, (low, high) in [("", self.bounds), *self.gene_bounds.items()]:
+            if not low < high:
+                where = f"gene_bounds.{key}" if key else "bounds"
+                raise ValueError(f"{where} must be [low, high] with low < high, not "
+                                 f"{[low, high]}")
         try:
             method = get_method(self.method)
             for name, value in self.params.items():

@@ -223,3 +223,37 @@ def test_task_vector_study_end_to_end_with_mergekit_export(cli, write_spec, pare
     assert config["merge_method"] == "dare_ties" and config["base_model"] == str(parents["base"])
     densities = config["models"][0]["parameters"]["density"]
     assert any(isinstance(c.get("value"), list) for c in densities)  # per-layer gradients
+
+
+def _layout(num_layers=5):
+    from merging.layout import ModelLayout
+
+    names = [f"model.layers.{i}.{m}" for i in range(num_layers) for m in
+             ("self_attn.q_proj.weight", "mlp.up_proj.weight")]
+    return ModelLayout.from_names(names + ["model.embed_tokens.weight", "model.norm.weight",
+                                           "lm_head.weight"], num_layers)
+
+
+def test_anchor_genes_interpolate_across_depth_with_bounds_per_gene(parents, probe_files):
+    from search.space import SearchSpace
+    from search.spec import StudySpec
+
+    data = spec_dict(parents, probe_files)
+    data["merge"] = {"method": "linear", "genes": "anchors", "anchors": 3,
+                     "gene_bounds": {"embed": [0.0, 0.6], "anchor.2": [0.5, 1.0]}}
+    space = SearchSpace(StudySpec.model_validate(data), _layout(5))
+    dims = {d.name: (d.low, d.high) for d in space.dimensions}
+    assert set(dims) == {"t[anchor.0]", "t[anchor.1]", "t[anchor.2]", "t[embed]", "t[norm]",
+                         "t[lm_head]"}
+    assert dims["t[embed]"] == (0.0, 0.6) and dims["t[anchor.2]"] == (0.5, 1.0)
+    assert dims["t[anchor.0]"] == (0.0, 1.0)
+    recipe = space.recipe({"t[anchor.0]": 0.0, "t[anchor.1]": 0.4, "t[anchor.2]": 1.0,
+                           "t[embed]": 0.1, "t[norm]": 0.5, "t[lm_head]": 0.5})
+    weights = recipe.model_params["instruct"]["weight"]
+    # 5 layers at depths 0, .25, .5, .75, 1 over anchors at 0, .5, 1
+    assert [weights[f"layers.{i}"] for i in range(5)] == pytest.approx([0.0, 0.2, 0.4, 0.7, 1.0])
+    assert weights["embed"] == 0.1 and "anchor.0" not in weights
+    assert set(space.baselines()) == {"uniform"}  # t = 0 and 1 fall outside anchor.2, embed
+    data["merge"]["gene_bounds"] = {"layers.9": [0.0, 0.5]}
+    with pytest.raises(Exception, match=r"merge.gene_bounds.layers.9: not a gene"):
+        SearchSpace(StudySpec.model_validate(data), _layout(5))
