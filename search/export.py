@@ -28,7 +28,7 @@ from merging import Materializer, Parents
 from merging.materializer import WeightsHash
 from merging.mergekit_config import to_mergekit_config
 from search.report import select_trial
-from search.study import recipe_of, stored_spec, test_results, verify_weights
+from search.study import dev_objectives, recipe_of, stored_spec, test_results, verify_weights
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 _SKIP = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "README.md"}
@@ -154,7 +154,7 @@ def export_trial(study: optuna.Study, which: str | int, out_dir: Path, force: bo
         "weights_verified": None,
         "parents": {name: str(path) for name, path in paths.items()},
         "source_parent": spec.source_parent.name,
-        "dev": dict(zip([o.name for o in spec.objectives], trial.values, strict=True)),
+        "dev": dev_objectives(trial, spec),
         "test": test_results(study).get(trial.number, {}).get("objectives"),
         "mergesearch_version": __version__,
     }

@@ -14,15 +14,18 @@ from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from mergesearch.errors import StorageError
-from search.study import BASELINE_ATTR, stored_spec, test_results
-
-
-def _dev(trial: FrozenTrial, names: list[str]) -> dict[str, float]:
-    return dict(zip(names, trial.values, strict=True))
+from search.study import (
+    BASELINE_ATTR,
+    CONSTRAINTS_ATTR,
+    dev_objectives,
+    feasible,
+    stored_spec,
+    test_results,
+)
 
 
 def _by_signed_mean(study: optuna.Study, trials) -> list[FrozenTrial]:
-    """Trials by the mean of their direction-signed dev objectives, best first, then number."""
+    """Trials by the mean of their direction-signed study values, best first, then number."""
     signs = [1.0 if d == StudyDirection.MAXIMIZE else -1.0 for d in study.directions]
 
     def key(trial: FrozenTrial) -> tuple[float, int]:
@@ -32,17 +35,27 @@ def _by_signed_mean(study: optuna.Study, trials) -> list[FrozenTrial]:
     return sorted(trials, key=key)
 
 
+def _dominates(a: FrozenTrial, b: FrozenTrial, signs: list[float]) -> bool:
+    pairs = [(s * x, s * y) for s, x, y in zip(signs, a.values, b.values, strict=True)]
+    return all(x >= y for x, y in pairs) and any(x > y for x, y in pairs)
+
+
 def ranked_best(study: optuna.Study) -> list[FrozenTrial]:
-    """The best trial (one objective) or the Pareto set, best signed dev mean first."""
+    """The best feasible trial (one objective) or the feasible Pareto set, best signed dev
+    mean first. Trials that break a constraint are never best."""
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if feasible(t)]
+    ranked = _by_signed_mean(study, complete)
     if len(study.directions) == 1:
-        complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        return [study.best_trial] if complete else []
-    return _by_signed_mean(study, study.best_trials)
+        return ranked[:1]
+    signs = [1.0 if d == StudyDirection.MAXIMIZE else -1.0 for d in study.directions]
+    return [t for t in ranked if not any(_dominates(o, t, signs) for o in complete)]
 
 
 def top_trials(study: optuna.Study, k: int) -> list[FrozenTrial]:
     """Up to k trials worth a test evaluation: the best (or Pareto set), then runners-up."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if feasible(t)]
     best = ranked_best(study)
     return (best + _by_signed_mean(study, [t for t in complete if t not in best]))[:k]
 
@@ -86,10 +99,12 @@ def build_report(study: optuna.Study) -> dict[str, Any]:
         test = tests.get(trial.number)
         return {
             "trial": trial.number,
-            "dev": _dev(trial, names),
+            "dev": dev_objectives(trial, spec),
             "test": test["objectives"] if test else None,
             "recipe": trial.user_attrs.get("recipe"),
             "weights_sha256": trial.user_attrs.get("weights_sha256"),
+            **({"constraints": trial.user_attrs.get(CONSTRAINTS_ATTR)} if spec.constraints
+               else {}),
         }
 
     baselines = baseline_trials(study)

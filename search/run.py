@@ -16,6 +16,7 @@ from search.spec import load_spec
 from search.study import (
     BASELINE_ATTR,
     create_or_resume,
+    dev_objectives,
     enqueue_baselines,
     evaluate_on_test,
     finished_count,
@@ -103,11 +104,12 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 def status_table(storage: str, name: str | None) -> str:
     study = load_study(storage, name)
-    names = [o.name for o in stored_spec(study).objectives]
+    spec = stored_spec(study)
+    names = [o.name for o in spec.objectives]
     tests = test_results(study)
     rows = []
     for t in study.get_trials(deepcopy=False):
-        dev = dict(zip(names, t.values, strict=True)) if t.values else None
+        dev = dev_objectives(t, spec) if t.values else None
         test = tests.get(t.number, {}).get("objectives")
         seconds = (t.datetime_complete - t.datetime_start).total_seconds() \
             if t.datetime_complete and t.datetime_start else None

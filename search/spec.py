@@ -109,11 +109,33 @@ class ObjectiveSpec(_Strict):
     probes: list[str] = Field(min_length=1)
     metric: str | None = None
     direction: Literal["maximize", "minimize"] = "maximize"
+    weight: float = Field(1.0, gt=0, description="its share with combine: weighted")
+
+
+class ConstraintSpec(_Strict):
+    """`objective` at least (or at most) a value, or a fraction of a parent's dev value."""
+
+    objective: str
+    at_least: float | None = None
+    at_most: float | None = None
+    of_parent: str | None = Field(None, description="the bound is this fraction of the "
+                                  "parent's own dev value of the objective")
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> ConstraintSpec:
+        if (self.at_least is None) == (self.at_most is None):
+            raise ValueError("give exactly one of at_least and at_most")
+        return self
+
+
+SAMPLERS_WITH_CONSTRAINTS = ("tpe", "gp", "nsga2")
+SINGLE_OBJECTIVE_SAMPLERS = ("cmaes",)
 
 
 class SamplerSpec(_Strict):
-    name: Literal["tpe", "random", "nsga2"] = "tpe"
+    name: Literal["tpe", "gp", "cmaes", "nsga2", "random", "grid"] = "tpe"
     n_startup_trials: int = Field(10, ge=0)
+    grid_points: int = Field(3, ge=2, description="values per dimension for grid")
 
 
 class BudgetSpec(_Strict):
@@ -143,6 +165,9 @@ class StudySpec(_Strict):
     merge: MergeSpec = MergeSpec()
     probes: list[AnyProbeConfig] = Field(min_length=1)
     objectives: list[ObjectiveSpec] = Field(min_length=1)
+    combine: Literal["pareto", "weighted"] = Field(
+        "pareto", description="several objectives: a Pareto study, or one weighted sum")
+    constraints: list[ConstraintSpec] = Field(default_factory=list)
     sampler: SamplerSpec = SamplerSpec()
     budget: BudgetSpec = BudgetSpec()
     storage: str | None = None
@@ -165,6 +190,17 @@ class StudySpec(_Strict):
                 len(parent_names) - (self.merge.base is not None))
         except MergesearchError as e:
             raise ValueError(str(e)) from None
+        objective_names = [o.name for o in self.objectives]
+        for i, constraint in enumerate(self.constraints):
+            if constraint.objective not in objective_names:
+                raise ValueError(f"constraints[{i}].objective {constraint.objective!r} is not "
+                                 f"an objective ({', '.join(objective_names)})")
+            if constraint.of_parent is not None and constraint.of_parent not in parent_names:
+                raise ValueError(f"constraints[{i}].of_parent {constraint.of_parent!r} is not "
+                                 f"a parent ({', '.join(parent_names)})")
+        if len(self.directions) > 1 and self.sampler.name in SINGLE_OBJECTIVE_SAMPLERS:
+            raise ValueError(f"sampler {self.sampler.name!r} optimises one objective; use "
+                             "combine: weighted, or another sampler (tpe, gp, nsga2, random)")
         probe_names = {p.name for p in self.probes}
         for i, objective in enumerate(self.objectives):
             for name in objective.probes:
@@ -180,7 +216,25 @@ class StudySpec(_Strict):
 
     @property
     def directions(self) -> list[str]:
+        """What the Optuna study optimises: each objective, or one weighted sum."""
+        if self.combine == "weighted":
+            return ["maximize"]
         return [o.direction for o in self.objectives]
+
+    @property
+    def metric_names(self) -> list[str]:
+        if self.combine == "weighted":
+            return ["weighted"]
+        return [o.name for o in self.objectives]
+
+    def study_values(self, objectives: dict[str, float]) -> list[float]:
+        """Objective values as the study sees them: as they are, or their weighted sum
+        (minimised objectives count negatively), over the weights' total."""
+        if self.combine != "weighted":
+            return [objectives[o.name] for o in self.objectives]
+        total = sum(o.weight for o in self.objectives)
+        return [sum(o.weight * objectives[o.name] * (1 if o.direction == "maximize" else -1)
+                    for o in self.objectives) / total]
 
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 from mergesearch.errors import SpecError, StorageError
 from merging import MergeRecipe
-from search.spec import StudySpec, parse_spec
+from search.spec import SAMPLERS_WITH_CONSTRAINTS, StudySpec, parse_spec
 from search.workbench import Workbench
 from storage import open_storage, study_names
 
@@ -29,22 +29,48 @@ log = logging.getLogger(__name__)
 
 SPEC_ATTR = "spec"
 BASELINE_ATTR = "baseline"
+OBJECTIVES_ATTR = "objectives"
 TEST_ATTR_PREFIX = "test:"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # Spec sections that define what a study's trial values mean; the rest may change on resume.
-_IDENTITY = ("parents", "merge", "probes", "objectives")
+_IDENTITY = ("parents", "merge", "probes", "objectives", "combine", "constraints")
+
+
+CONSTRAINTS_ATTR = "constraints"
 
 
 def make_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
-    name = spec.sampler.name
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
-    return optuna.samplers.TPESampler(
-        seed=seed, n_startup_trials=spec.sampler.n_startup_trials, multivariate=True,
-        constant_liar=True,
-    )
+    """The spec's sampler, seeded. Trials set their constraints (`Trial.set_constraint`),
+    which TPE, GP and NSGA-II honour; the others search regardless, and the report still
+    leaves infeasible trials out."""
+    name, startup = spec.sampler.name, spec.sampler.n_startup_trials
+    if spec.constraints and name not in SAMPLERS_WITH_CONSTRAINTS:
+        log.warning("sampler %s does not take constraints into account", name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if name == "random":
+            return optuna.samplers.RandomSampler(seed=seed)
+        if name == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=seed)
+        if name == "gp":
+            return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
+        if name == "cmaes":
+            return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=startup)
+        if name == "grid":
+            return optuna.samplers.GridSampler(grid_space(spec), seed=seed)
+        return optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=startup, multivariate=True, constant_liar=True)
+
+
+def grid_space(spec: StudySpec) -> dict[str, list[float]]:
+    """`grid_points` evenly spaced values of every dimension of the spec's search space."""
+    from merging.parents import Parents
+    from search.space import SearchSpace
+
+    layout = Parents({p.name: p.path for p in spec.parents}, "mmap").layout  # headers only
+    n = spec.sampler.grid_points
+    return {d.name: [d.low + (d.high - d.low) * i / (n - 1) for i in range(n)]
+            for d in SearchSpace(spec, layout).dimensions}
 
 
 def resolve_study_name(storage: optuna.storages.BaseStorage, name: str | None) -> str:
@@ -103,7 +129,7 @@ def create_or_resume(spec: StudySpec, storage_url: str, name: str) -> optuna.Stu
     study.set_user_attr(SPEC_ATTR, spec.to_json_dict())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names([o.name for o in spec.objectives])
+        study.set_metric_names(spec.metric_names)
     log.info("created study %s", name)
     return study
 
@@ -138,9 +164,54 @@ def make_objective(bench: Workbench) -> Callable[[optuna.Trial], list[float]]:
         for key, value in bench.weights_attrs(weights_hash).items():
             trial.set_user_attr(key, value)
         trial.set_user_attr("dev_probes", result.probes)
-        return bench.objective_values(result)
+        objectives = bench.objectives(result)
+        trial.set_user_attr(OBJECTIVES_ATTR, objectives)
+        if bench.spec.constraints:
+            values = constraint_values(trial.study, bench.spec, objectives,
+                                       trial.user_attrs.get(BASELINE_ATTR))
+            trial.set_user_attr(CONSTRAINTS_ATTR, values)
+            for i, value in enumerate(values):
+                trial.set_constraint(f"{i}:{bench.spec.constraints[i].objective}", value)
+        return bench.spec.study_values(objectives)
 
     return objective
+
+
+def constraint_values(study: optuna.Study, spec: StudySpec, objectives: dict[str, float],
+                      baseline: str | None) -> list[float]:
+    """One value per constraint, feasible when <= 0. A bound relative to a parent uses that
+    parent's baseline trial (this trial's own values when it is that baseline); until the
+    baseline is complete the constraint counts as met."""
+    parent_values: dict[str, dict[str, float]] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if BASELINE_ATTR in t.user_attrs and OBJECTIVES_ATTR in t.user_attrs:
+            parent_values[t.user_attrs[BASELINE_ATTR]] = t.user_attrs[OBJECTIVES_ATTR]
+    if baseline is not None:
+        parent_values[baseline] = objectives
+    values = []
+    for c in spec.constraints:
+        bound = c.at_least if c.at_least is not None else c.at_most
+        if c.of_parent is not None:
+            reference = parent_values.get(c.of_parent)
+            if reference is None:
+                log.info("constraint on %s: parent %s not scored yet", c.objective, c.of_parent)
+                values.append(0.0)
+                continue
+            bound *= reference[c.objective]
+        value = objectives[c.objective]
+        values.append(bound - value if c.at_least is not None else value - bound)
+    return values
+
+
+def dev_objectives(trial: optuna.trial.FrozenTrial, spec: StudySpec) -> dict[str, float]:
+    """A finished trial's dev value of each objective, by name."""
+    if OBJECTIVES_ATTR in trial.user_attrs:
+        return trial.user_attrs[OBJECTIVES_ATTR]
+    return dict(zip([o.name for o in spec.objectives], trial.values, strict=True))
+
+
+def feasible(trial: optuna.trial.FrozenTrial) -> bool:
+    return all(v <= 0 for v in trial.user_attrs.get(CONSTRAINTS_ATTR, []))
 
 
 def finished_count(study: optuna.Study) -> int:

@@ -85,8 +85,8 @@ class Workbench:
         result = self.suite.evaluate(self.engine, split, self.spec.evaluation.chunk_size)
         return weights_hash.hexdigest(), result
 
-    def objective_values(self, result: SuiteResult) -> list[float]:
-        return [result.objectives[o.name] for o in self.spec.objectives]
+    def objectives(self, result: SuiteResult) -> dict[str, float]:
+        return {o.name: result.objectives[o.name] for o in self.spec.objectives}
 
     def close(self) -> None:
         self.engine.close()

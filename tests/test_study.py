@@ -257,3 +257,53 @@ def test_anchor_genes_interpolate_across_depth_with_bounds_per_gene(parents, pro
     data["merge"]["gene_bounds"] = {"layers.9": [0.0, 0.5]}
     with pytest.raises(Exception, match=r"merge.gene_bounds.layers.9: not a gene"):
         SearchSpace(StudySpec.model_validate(data), _layout(5))
+
+
+def test_weighted_study_with_a_constraint_relative_to_a_parent(cli, write_spec, tmp_path):
+    """One weighted objective; trials whose instruction score falls below 0.9 of the
+    instruct parent's are infeasible and never reported as best."""
+    spec = write_spec(
+        objectives=[{"name": "clinical", "probes": ["radiology"], "weight": 3.0},
+                    {"name": "instruction", "probes": ["ifeval"], "weight": 1.0}],
+        combine="weighted", sampler={"name": "gp", "n_startup_trials": 2},
+        constraints=[{"objective": "instruction", "at_least": 0.9, "of_parent": "instruct"}])
+    code, _, err = cli("launch", spec, "--n-trials", "6", "--no-test")
+    assert code == 0, err
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    assert study.metric_names == ["weighted"] and len(study.directions) == 1
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(trials) == 6
+    instruct = next(t for t in trials if t.user_attrs.get("baseline") == "instruct")
+    bound = 0.9 * instruct.user_attrs["objectives"]["instruction"]
+    for t in trials:
+        objectives = t.user_attrs["objectives"]
+        assert t.values[0] == pytest.approx((3 * objectives["clinical"]
+                                             + objectives["instruction"]) / 4)
+        assert t.user_attrs["constraints"] == [pytest.approx(bound - objectives["instruction"])]
+    code, out, _ = cli("report", "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--json")
+    best = json.loads(out)["best"][0]
+    assert best["constraints"][0] <= 0
+    feasible = [t for t in trials if t.user_attrs["constraints"][0] <= 0]
+    assert best["trial"] == max(feasible, key=lambda t: (t.values[0], -t.number)).number
+
+
+@pytest.mark.parametrize("sampler", [{"name": "cmaes", "n_startup_trials": 1},
+                                     {"name": "grid", "grid_points": 2},
+                                     {"name": "random"}, {"name": "nsga2"}])
+def test_every_sampler_runs_a_study(cli, write_spec, tmp_path, sampler):
+    changes = {"sampler": sampler, "merge": {"method": "linear", "genes": "global",
+                                             "outer_genes": False}}
+    if sampler["name"] == "cmaes":
+        changes["combine"] = "weighted"
+    code, _, err = cli("launch", write_spec(**changes), "--n-trials", "5", "--no-test")
+    assert code == 0, err
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(complete) == 5
+    if sampler["name"] == "grid":  # one dimension, t[*], at 0 and 1: the parents
+        assert {t.params["t[*]"] for t in complete} <= {0.0, 0.5, 1.0}
+
+
+def test_single_objective_samplers_refuse_a_pareto_study(cli, write_spec, tmp_path):
+    code, _, err = cli("launch", write_spec(sampler={"name": "cmaes"}), "--n-trials", "2")
+    assert code == 2 and "sampler 'cmaes' optimises one objective" in err
