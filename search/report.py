@@ -124,7 +124,9 @@ def build_report(study: optuna.Study) -> dict[str, Any]:
         "baselines": [
             {"name": name, **{k: v for k, v in entry(baselines[name]).items()
                               if k in ("trial", "dev", "test")}}
-            for name in [*parents, "uniform"] if name in baselines
+            for name in [*parents, "uniform", *sorted(b for b in baselines
+                                                       if b.startswith("warm:"))]
+            if name in baselines
         ],
         "best": [entry(t) for t in best],
         "selected": best[0].number if best else None,

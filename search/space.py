@@ -116,6 +116,8 @@ class SearchSpace:
         self.seed = spec.seed
         self.pair_t = self.method.name in NORMALISED_PAIR and len(self.models) == 2
         self.num_layers = layout.num_layers
+        self.layout = layout
+        self.anchors = merge.anchors
         default_genes = genes(layout, merge.genes, merge.outer_genes, merge.anchors)
         _check_gene_keys(merge.gene_bounds, layout, merge.anchors)
         self.fixed: dict[str, float] = {}

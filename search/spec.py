@@ -63,6 +63,9 @@ class MergeSpec(_Strict):
         None, description="parent whose config, tokenizer and chat template the merge uses "
         "(default: the last parent)"
     )
+    warm_start: list[Path] = Field(
+        default_factory=list, description="recipes tried first, beside the parents and their "
+        "average: exported mergesearch_recipe.json files or mergekit YAML configs")
 
     @model_validator(mode="after")
     def _valid(self) -> MergeSpec:
@@ -320,6 +323,8 @@ def _resolve_paths(spec: StudySpec, base_dir: Path, where: str, lines: dict) -> 
             raise SpecError(f"{where}:{line}: parents[{i}].path: folder {parent.path} does "
                             "not exist; give a Hugging Face model folder (absolute, or "
                             "relative to the spec)")
+    spec.merge.warm_start = [(base_dir / p.expanduser()).resolve()
+                             for p in spec.merge.warm_start]
     for probe in spec.probes:
         probe.resolve_paths(base_dir)
     if spec.storage is None:

@@ -146,12 +146,13 @@ def _check_same_study(study: optuna.Study, spec: StudySpec) -> None:
 
 
 def enqueue_baselines(study: optuna.Study, bench: Workbench) -> None:
-    """Queue each parent alone and the uniform average, unless the study already has that
-    baseline done, queued or running (a failed or interrupted one is queued again)."""
+    """Queue each parent alone, the uniform average and the user's warm-start recipes,
+    unless the study already has that baseline done, queued or running (a failed or
+    interrupted one is queued again)."""
     alive = (TrialState.COMPLETE, TrialState.WAITING, TrialState.RUNNING)
     present = {t.user_attrs.get(BASELINE_ATTR)
                for t in study.get_trials(deepcopy=False, states=alive)}
-    for name, params in bench.space.baselines().items():
+    for name, params in {**bench.space.baselines(), **bench.warm_starts}.items():
         if name not in present:
             study.enqueue_trial(params, user_attrs={BASELINE_ATTR: name})
 

@@ -22,6 +22,7 @@ from merging.materializer import WeightsHash
 from merging.parents import auto_placement
 from search.space import SearchSpace
 from search.spec import StudySpec, probe_where
+from search.warm_start import warm_start_points
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class Workbench:
     suite: Suite
     space: SearchSpace
     engine: HFEngine
+    warm_starts: dict[str, dict[str, float]]
 
     @classmethod
     def prepare(cls, spec: StudySpec) -> Workbench:
@@ -61,6 +63,7 @@ class Workbench:
         parents = Parents(folders, device if placement == "device" else placement)
         materializer = Materializer(parents)
         space = SearchSpace(spec, parents.layout)
+        warm_starts = warm_start_points(spec, space, parents)
         engine = HFEngine(
             spec.source_parent.path,
             device=spec.engine.device,
@@ -68,7 +71,7 @@ class Workbench:
             batch_size=spec.engine.batch_size,
             materializer=materializer,
         )
-        return cls(spec, parents, materializer, suite, space, engine)
+        return cls(spec, parents, materializer, suite, space, engine, warm_starts)
 
     def weights_attrs(self, digest: str) -> dict[str, str]:
         """What a trial records about its merged weights, so that an export can prove it

@@ -307,3 +307,44 @@ def test_every_sampler_runs_a_study(cli, write_spec, tmp_path, sampler):
 def test_single_objective_samplers_refuse_a_pareto_study(cli, write_spec, tmp_path):
     code, _, err = cli("launch", write_spec(sampler={"name": "cmaes"}), "--n-trials", "2")
     assert code == 2 and "sampler 'cmaes' optimises one objective" in err
+
+
+def test_warm_start_recipes_from_mergekit_and_an_export_are_tried_first(
+        cli, write_spec, parents, tmp_path):
+    import yaml
+
+    config = tmp_path / "gradient.yml"
+    config.write_text(yaml.safe_dump({
+        "merge_method": "linear", "dtype": "float32",
+        "models": [{"model": str(parents["clinical"]),
+                    "parameters": {"weight": [0.8, 0.2]}},
+                   {"model": str(parents["instruct"]),
+                    "parameters": {"weight": [0.2, 0.8]}}]}))
+    exported = tmp_path / "mergesearch_recipe.json"
+    exported.write_text(json.dumps({"recipe": {
+        "method": "linear", "models": ["clinical", "instruct"],
+        "model_params": {"clinical": {"weight": 0.3}, "instruct": {"weight": 0.7}}}}))
+    spec = write_spec(merge={"method": "linear", "warm_start": [str(config), str(exported)]})
+    code, _, err = cli("launch", spec, "--n-trials", "5", "--no-test")
+    assert code == 0, err
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    warm = {t.user_attrs["baseline"]: t for t in study.trials
+            if t.user_attrs.get("baseline", "").startswith("warm:")}
+    assert set(warm) == {"warm:gradient", "warm:mergesearch_recipe"}
+    gradient = warm["warm:gradient"].params
+    # mergekit's gradient over 3 layers; embed, norm and lm_head at its start (t = 0)
+    assert [gradient[f"t[layers.{i}]"] for i in range(3)] == pytest.approx([0.2, 0.5, 0.8])
+    assert gradient["t[embed]"] == pytest.approx(0.2)
+    assert list(warm["warm:mergesearch_recipe"].params.values()) == pytest.approx([0.7] * 6)
+
+
+def test_warm_start_outside_the_space_is_refused(cli, write_spec, tmp_path):
+    exported = tmp_path / "r.json"
+    exported.write_text(json.dumps({"method": "linear", "models": ["clinical", "instruct"],
+                                    "model_params": {"clinical": {"weight": 0.9},
+                                                     "instruct": {"weight": 0.1}}}))
+    spec = write_spec(merge={"method": "linear", "warm_start": [str(exported)],
+                             "gene_bounds": {"embed": [0.5, 1.0]}})
+    code, _, err = cli("launch", spec, "--n-trials", "2")
+    assert code == 2 and "t[embed] = 0.1 is outside the space's [0.5, 1]" in err, err
+    assert not (tmp_path / "study.db").exists()
