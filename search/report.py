@@ -17,6 +17,7 @@ from mergesearch.errors import StorageError
 from search.study import (
     BASELINE_ATTR,
     CONSTRAINTS_ATTR,
+    FAIL_REASON_ATTR,
     dev_objectives,
     feasible,
     stored_spec,
@@ -128,6 +129,8 @@ def build_report(study: optuna.Study) -> dict[str, Any]:
                                                        if b.startswith("warm:"))]
             if name in baselines
         ],
+        "failures": [{"trial": t.number, "reason": t.user_attrs.get(FAIL_REASON_ATTR)}
+                     for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))],
         "best": [entry(t) for t in best],
         "selected": best[0].number if best else None,
     }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -157,16 +158,38 @@ def enqueue_baselines(study: optuna.Study, bench: Workbench) -> None:
             study.enqueue_trial(params, user_attrs={BASELINE_ATTR: name})
 
 
+class TrialFailed(Exception):
+    """A trial's merge or evaluation failed; the study records why and goes on."""
+
+
+FAIL_REASON_ATTR = "fail_reason"
+MAX_CONSECUTIVE_FAILURES = 5
+
+
+def _score(bench: Workbench, trial: optuna.Trial, recipe: MergeRecipe):
+    try:
+        return bench.score(recipe, "dev")
+    except Exception as e:  # out of memory, a recipe the merger refuses, an engine error
+        reason = f"{type(e).__name__}: {e}"
+        trial.set_user_attr(FAIL_REASON_ATTR, reason[:2000])
+        bench.recover()
+        raise TrialFailed(reason) from e
+
+
 def make_objective(bench: Workbench) -> Callable[[optuna.Trial], list[float]]:
     def objective(trial: optuna.Trial) -> list[float]:
         recipe = bench.space.suggest(trial)
         trial.set_user_attr("recipe", recipe.to_dict())
-        weights_hash, result = bench.score(recipe, "dev")
+        weights_hash, result = _score(bench, trial, recipe)
         for key, value in bench.weights_attrs(weights_hash).items():
             trial.set_user_attr(key, value)
         trial.set_user_attr("dev_probes", result.probes)
         objectives = bench.objectives(result)
         trial.set_user_attr(OBJECTIVES_ATTR, objectives)
+        broken = [name for name, value in objectives.items() if not math.isfinite(value)]
+        if broken:
+            trial.set_user_attr(FAIL_REASON_ATTR, f"objective {broken[0]} is not finite")
+            raise TrialFailed(f"objective {broken[0]} is {objectives[broken[0]]}")
         if bench.spec.constraints:
             values = constraint_values(trial.study, bench.spec, objectives,
                                        trial.user_attrs.get(BASELINE_ATTR))
@@ -223,15 +246,32 @@ def run_trials(study: optuna.Study, bench: Workbench, n_trials: int | None,
                timeout: float | None, progress: bool = True) -> None:
     """Run trials until the study holds `n_trials` finished ones or `timeout` seconds pass."""
     callbacks = []
-    remaining = None
     if n_trials is not None:
-        remaining = n_trials - finished_count(study)
-        if remaining <= 0:
+        if n_trials - finished_count(study) <= 0:
             log.info("study %s already has %d finished trials", study.study_name, n_trials)
             return
         callbacks.append(MaxTrialsCallback(n_trials, states=FINISHED))
-    study.optimize(make_objective(bench), n_trials=remaining, timeout=timeout,
-                   callbacks=callbacks, show_progress_bar=progress)
+    callbacks.append(_StopAfterFailures(MAX_CONSECUTIVE_FAILURES))
+    # No trial count here: failed trials do not count towards the budget, the callback stops
+    # at `n_trials` finished ones (of all workers), and repeated failures stop the worker.
+    study.optimize(make_objective(bench), timeout=timeout,
+                   callbacks=callbacks, show_progress_bar=progress and timeout is not None,
+                   catch=(TrialFailed,))
+
+
+class _StopAfterFailures:
+    """Stop this worker after `limit` failed trials in a row: something is wrong with every
+    candidate (a broken engine, a space of invalid recipes), not with one of them."""
+
+    def __init__(self, limit: int):
+        self.limit, self.failures = limit, 0
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        self.failures = self.failures + 1 if trial.state == TrialState.FAIL else 0
+        if self.failures >= self.limit:
+            log.error("stopping: the last %d trials failed (last: %s)", self.failures,
+                      trial.user_attrs.get(FAIL_REASON_ATTR, "see the log"))
+            study.stop()
 
 
 def worker_seed(seed: int) -> int:

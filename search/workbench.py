@@ -91,5 +91,11 @@ class Workbench:
     def objectives(self, result: SuiteResult) -> dict[str, float]:
         return {o.name: result.objectives[o.name] for o in self.spec.objectives}
 
+    def recover(self) -> None:
+        """After a failed trial: give back what it held on the GPU (an out-of-memory error
+        leaves the allocator's cache full)."""
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def close(self) -> None:
         self.engine.close()

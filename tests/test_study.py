@@ -348,3 +348,20 @@ def test_warm_start_outside_the_space_is_refused(cli, write_spec, tmp_path):
     code, _, err = cli("launch", spec, "--n-trials", "2")
     assert code == 2 and "t[embed] = 0.1 is outside the space's [0.5, 1]" in err, err
     assert not (tmp_path / "study.db").exists()
+
+
+def test_a_failing_trial_is_recorded_with_its_reason_and_the_study_goes_on(
+        cli, write_spec, parents, tmp_path):
+    """DELLA with epsilon 0.2 cannot merge at density <= 0.2 or >= 0.8: such proposals
+    fail in the merger, are recorded as failed with the reason, and others complete."""
+    spec = write_spec(
+        parents=[{"name": n, "path": str(parents[n])} for n in ("base", "clinical", "instruct")],
+        merge={"method": "della", "base": "base", "genes": "global", "outer_genes": False,
+               "params": {"density": [0.05, 0.95], "epsilon": 0.2}},
+        sampler={"name": "random"})
+    code, out, err = cli("launch", spec, "--n-trials", "6", "--no-test")
+    assert code == 0, err
+    code, out, _ = cli("report", "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--json")
+    report = json.loads(out)
+    assert report["trials"]["complete"] == 6 and report["trials"]["fail"] >= 1
+    assert all("epsilon = 0.2 with density" in f["reason"] for f in report["failures"])
