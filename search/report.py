@@ -18,6 +18,7 @@ from search.study import (
     BASELINE_ATTR,
     CONSTRAINTS_ATTR,
     FAIL_REASON_ATTR,
+    ITEMS_ATTR,
     dev_objectives,
     feasible,
     stored_spec,
@@ -89,6 +90,15 @@ def baseline_trials(study: optuna.Study) -> dict[str, FrozenTrial]:
     return out
 
 
+def _pruning_savings(study: optuna.Study, spec) -> dict[str, int]:
+    """Pruned trials and the dev item evaluations their early stop saved."""
+    pruned = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
+    finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    total = max((t.user_attrs.get(ITEMS_ATTR, 0) for t in finished), default=0)
+    return {"pruned": len(pruned),
+            "items_saved": sum(total - t.user_attrs.get(ITEMS_ATTR, total) for t in pruned)}
+
+
 def build_report(study: optuna.Study) -> dict[str, Any]:
     spec = stored_spec(study)
     names = [o.name for o in spec.objectives]
@@ -129,6 +139,7 @@ def build_report(study: optuna.Study) -> dict[str, Any]:
                                                        if b.startswith("warm:"))]
             if name in baselines
         ],
+        "pruning": _pruning_savings(study, spec),
         "failures": [{"trial": t.number, "reason": t.user_attrs.get(FAIL_REASON_ATTR)}
                      for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))],
         "best": [entry(t) for t in best],

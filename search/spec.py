@@ -156,9 +156,20 @@ class EngineSpec(_Strict):
         "the device if they fit in half its free memory, else pinned/host memory or mmap)")
 
 
+class PruningSpec(_Strict):
+    """Stop a hopeless trial between chunks: Optuna's Wilcoxon signed-rank test of its
+    per-item scores against the best trial's on the same items (one objective, or
+    combine: weighted)."""
+
+    enabled: bool = False
+    p_threshold: float = Field(0.1, gt=0, lt=1)
+    min_items: int = Field(16, ge=1, description="items scored before a trial may be pruned")
+
+
 class EvaluationSpec(_Strict):
     chunk_size: int = Field(64, gt=0)
     test_top_k: int = Field(3, ge=0, description="best trials scored on test after the study")
+    pruning: PruningSpec = PruningSpec()
 
 
 class StudySpec(_Strict):
@@ -201,6 +212,9 @@ class StudySpec(_Strict):
             if constraint.of_parent is not None and constraint.of_parent not in parent_names:
                 raise ValueError(f"constraints[{i}].of_parent {constraint.of_parent!r} is not "
                                  f"a parent ({', '.join(parent_names)})")
+        if len(self.directions) > 1 and self.evaluation.pruning.enabled:
+            raise ValueError("evaluation.pruning works on one objective (Optuna prunes no "
+                             "multi-objective trial); use combine: weighted, or turn it off")
         if len(self.directions) > 1 and self.sampler.name in SINGLE_OBJECTIVE_SAMPLERS:
             raise ValueError(f"sampler {self.sampler.name!r} optimises one objective; use "
                              "combine: weighted, or another sampler (tpe, gp, nsga2, random)")

@@ -63,6 +63,15 @@ def make_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
             seed=seed, n_startup_trials=startup, multivariate=True, constant_liar=True)
 
 
+def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    pruning = spec.evaluation.pruning
+    if not pruning.enabled:
+        return optuna.pruners.NopPruner()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.pruners.WilcoxonPruner(p_threshold=pruning.p_threshold)
+
+
 def grid_space(spec: StudySpec) -> dict[str, list[float]]:
     """`grid_points` evenly spaced values of every dimension of the spec's search space."""
     from merging.parents import Parents
@@ -103,12 +112,12 @@ def load_study(storage_url: str, name: str | None, as_worker: bool = False) -> o
     apart from the launcher's, for running trials."""
     storage = open_storage(storage_url, create=False)
     name = resolve_study_name(storage, name)
-    sampler = None
+    sampler, pruner = None, None
     if as_worker:
         attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(name))
         spec = _spec_from_attrs(attrs, name)
-        sampler = make_sampler(spec, worker_seed(spec.seed))
-    return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        sampler, pruner = make_sampler(spec, worker_seed(spec.seed)), make_pruner(spec)
+    return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
 
 
 def create_or_resume(spec: StudySpec, storage_url: str, name: str) -> optuna.Study:
@@ -120,10 +129,12 @@ def create_or_resume(spec: StudySpec, storage_url: str, name: str) -> optuna.Stu
         log.info("resuming study %s (%d trials so far)", name, done)
         # A resumed sampler seeded as the first launch would replay its proposals.
         sampler = make_sampler(spec, (spec.seed + 7919 * done) % 2**31)
-        return optuna.load_study(study_name=name, storage=storage, sampler=sampler)
+        return optuna.load_study(study_name=name, storage=storage, sampler=sampler,
+                                 pruner=make_pruner(spec))
     try:
         study = optuna.create_study(study_name=name, storage=storage,
                                     sampler=make_sampler(spec, spec.seed),
+                                    pruner=make_pruner(spec),
                                     directions=spec.directions)
     except optuna.exceptions.DuplicatedStudyError:  # another launcher won the race
         return create_or_resume(spec, storage_url, name)
@@ -166,9 +177,26 @@ FAIL_REASON_ATTR = "fail_reason"
 MAX_CONSECUTIVE_FAILURES = 5
 
 
+ITEMS_ATTR = "items_evaluated"
+
+
 def _score(bench: Workbench, trial: optuna.Trial, recipe: MergeRecipe):
+    pruning = bench.spec.evaluation.pruning
+    seen = 0
+
+    def report(chunk) -> None:  # each item is a step: the pruner pairs items across trials
+        nonlocal seen
+        for item in chunk:
+            trial.report(bench.item_value(item), seen)
+            seen += 1
+        trial.set_user_attr(ITEMS_ATTR, seen)
+        if seen >= pruning.min_items and seen < bench.items_per_trial and trial.should_prune():
+            raise optuna.TrialPruned(f"pruned after {seen} of {bench.items_per_trial} items")
+
     try:
-        return bench.score(recipe, "dev")
+        return bench.score(recipe, "dev", report if pruning.enabled else None)
+    except optuna.TrialPruned:
+        raise
     except Exception as e:  # out of memory, a recipe the merger refuses, an engine error
         reason = f"{type(e).__name__}: {e}"
         trial.set_user_attr(FAIL_REASON_ATTR, reason[:2000])

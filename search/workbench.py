@@ -8,13 +8,14 @@ have got wrong is found here, before any storage is touched.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from evaluators.engines import HFEngine
 from evaluators.probes import Probe, build_probe
-from evaluators.suite import ObjectiveDef, Suite, SuiteResult
+from evaluators.suite import ItemResult, ObjectiveDef, Suite, SuiteResult
 from mergesearch.devices import resolve_device
 from mergesearch.errors import SpecError
 from merging import Materializer, MergeRecipe, Parents
@@ -82,11 +83,37 @@ class Workbench:
                 "weights_device": torch.device(self.engine.device).type,
                 "weights_hash_format": WeightsHash.FORMAT}
 
-    def score(self, recipe: MergeRecipe, split: str) -> tuple[str, SuiteResult]:
-        """Load the recipe into the engine and evaluate it; return (weights hash, result)."""
+    def score(self, recipe: MergeRecipe, split: str,
+              on_items: Callable[[list[ItemResult]], None] | None = None
+              ) -> tuple[str, SuiteResult]:
+        """Load the recipe into the engine and evaluate it; return (weights hash, result).
+        `on_items` sees each chunk's results as they come (and may stop the trial)."""
         weights_hash = self.engine.load_recipe(recipe)  # hashed while the suite runs
-        result = self.suite.evaluate(self.engine, split, self.spec.evaluation.chunk_size)
-        return weights_hash.hexdigest(), result
+        items: list[ItemResult] = []
+        for chunk in self.suite.chunks(self.engine, split, self.spec.evaluation.chunk_size):
+            items += chunk
+            if on_items is not None:
+                on_items(chunk)
+        return weights_hash.hexdigest(), self.suite.summarize(items)
+
+    def item_value(self, item: ItemResult) -> float:
+        """An item's share of the study's value (what pruning compares between trials): its
+        score in each objective's metric, over the objective's probes, weighted and signed
+        as `combine: weighted` does."""
+        spec, value = self.spec, 0.0
+        total = sum(o.weight for o in spec.objectives)
+        for o in spec.objectives:
+            if item.probe in o.probes:
+                metric = o.metric or self.suite.probes[item.probe].default_metric
+                share = item.scores[metric] / len(o.probes)
+                if spec.combine == "weighted":
+                    share *= o.weight / total * (1 if o.direction == "maximize" else -1)
+                value += share
+        return value
+
+    @property
+    def items_per_trial(self) -> int:
+        return sum(len(p.items("dev")) for p in self.suite.probes.values())
 
     def objectives(self, result: SuiteResult) -> dict[str, float]:
         return {o.name: result.objectives[o.name] for o in self.spec.objectives}

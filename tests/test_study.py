@@ -1,6 +1,7 @@
 """The study end to end through the CLI, on tiny random parents."""
 
 import json
+from pathlib import Path
 
 import optuna
 import pytest
@@ -365,3 +366,48 @@ def test_a_failing_trial_is_recorded_with_its_reason_and_the_study_goes_on(
     report = json.loads(out)
     assert report["trials"]["complete"] == 6 and report["trials"]["fail"] >= 1
     assert all("epsilon = 0.2 with density" in f["reason"] for f in report["failures"])
+
+
+def test_wilcoxon_pruning_stops_worse_trials_between_chunks(cli, write_spec, tmp_path):
+    import random
+
+    from search.demo import synthetic
+    from tests.conftest import write_jsonl
+
+    rng = random.Random(1)
+    items = write_jsonl(tmp_path / "radiology.jsonl",
+                        [{"id": f"r{i}", **synthetic.radiology_item(rng), "split": "dev"}
+                         for i in range(48)] + [{"id": "t0", **synthetic.radiology_item(rng),
+                                                 "split": "test"}])
+    demo = Path(__file__).parents[1] / "search/demo/assets/models"  # trained: scores differ
+    spec = write_spec(
+        parents=[{"name": n, "path": str(demo / n)} for n in ("clinical", "instruct")],
+        probes=[{"name": "radiology", "kind": "generation", "path": str(items),
+                 "fields": {"input": "findings", "reference": "impression"},
+                 "template": synthetic.RADIOLOGY_PROMPT.replace("{findings}", "{{ findings }}"),
+                 "max_new_tokens": 24}],
+        objectives=[{"name": "clinical", "probes": ["radiology"], "metric": "rouge1"}],
+        merge={"method": "linear", "genes": "global", "outer_genes": False},
+        sampler={"name": "random"},
+        evaluation={"chunk_size": 8, "test_top_k": 0,
+                    "pruning": {"enabled": True, "p_threshold": 0.3, "min_items": 8}})
+    code, _, err = cli("launch", spec, "--n-trials", "10", "--no-test")
+    assert code == 0, err
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    pruned = study.get_trials(states=(optuna.trial.TrialState.PRUNED,))
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert pruned and len(pruned) + len(complete) == 10
+    assert all(t.user_attrs["items_evaluated"] == 48 for t in complete)
+    assert all(8 <= t.user_attrs["items_evaluated"] < 48 for t in pruned)
+    code, out, _ = cli("report", "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--json")
+    savings = json.loads(out)["pruning"]
+    assert savings["pruned"] == len(pruned)
+    assert savings["items_saved"] == sum(48 - t.user_attrs["items_evaluated"] for t in pruned)
+    # never pruned: the best trial is complete and better than every pruned trial's items
+    assert study.best_trial.state == optuna.trial.TrialState.COMPLETE
+
+
+def test_pruning_needs_one_objective(cli, write_spec, tmp_path):
+    spec = write_spec(evaluation={"pruning": {"enabled": True}})
+    code, _, err = cli("launch", spec, "--n-trials", "2")
+    assert code == 2 and "pruning works on one objective" in err
