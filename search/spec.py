@@ -166,6 +166,16 @@ class PruningSpec(_Strict):
     min_items: int = Field(16, ge=1, description="items scored before a trial may be pruned")
 
 
+class HeartbeatSpec(_Strict):
+    """A running trial's worker beats every `interval` seconds; a trial whose worker has
+    been silent for `grace` seconds (killed, its machine gone) is marked failed by the next
+    worker to start a trial, and retried up to `retries` times."""
+
+    interval: int = Field(30, gt=0)
+    grace: int | None = Field(None, gt=0, description="default: 4 × interval")
+    retries: int = Field(2, ge=0)
+
+
 class EvaluationSpec(_Strict):
     chunk_size: int = Field(64, gt=0)
     test_top_k: int = Field(3, ge=0, description="best trials scored on test after the study")
@@ -187,6 +197,7 @@ class StudySpec(_Strict):
     storage: str | None = None
     engine: EngineSpec = EngineSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
+    heartbeat: HeartbeatSpec = HeartbeatSpec()
 
     @model_validator(mode="after")
     def _cross_references(self) -> StudySpec:

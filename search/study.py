@@ -117,11 +117,12 @@ def load_study(storage_url: str, name: str | None, as_worker: bool = False) -> o
         attrs = storage.get_study_user_attrs(storage.get_study_id_from_name(name))
         spec = _spec_from_attrs(attrs, name)
         sampler, pruner = make_sampler(spec, worker_seed(spec.seed)), make_pruner(spec)
+        storage = open_storage(storage_url, create=False, heartbeat=spec.heartbeat)
     return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
 
 
 def create_or_resume(spec: StudySpec, storage_url: str, name: str) -> optuna.Study:
-    storage = open_storage(storage_url)
+    storage = open_storage(storage_url, heartbeat=spec.heartbeat)
     if name in study_names(storage):
         study = optuna.load_study(study_name=name, storage=storage)
         _check_same_study(study, spec)

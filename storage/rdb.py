@@ -8,7 +8,9 @@ reached raises `StorageError` with the URL (password hidden) and the driver's re
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
+from typing import Any
 
 import optuna
 import sqlalchemy
@@ -39,8 +41,11 @@ def _shown(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def open_storage(url: str, create: bool = True) -> optuna.storages.RDBStorage:
-    """Optuna's RDB storage at `url`. With `create=False` a SQLite file must already exist."""
+def open_storage(url: str, create: bool = True, heartbeat: Any = None
+                 ) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage at `url`. With `create=False` a SQLite file must already exist.
+    With `heartbeat` (interval, grace, retries), running trials beat, and trials of dead
+    workers are failed and retried by the live ones."""
     url = normalize_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
@@ -50,7 +55,14 @@ def open_storage(url: str, create: bool = True) -> optuna.storages.RDBStorage:
         path.parent.mkdir(parents=True, exist_ok=True)
     engine_kwargs = {"pool_pre_ping": True} if parsed.get_backend_name() != "sqlite" else {}
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        with warnings.catch_warnings():  # heartbeats are experimental in Optuna
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            beats = {} if heartbeat is None else {
+                "heartbeat_interval": heartbeat.interval,
+                "grace_period": heartbeat.grace or 4 * heartbeat.interval,
+                "heartbeat_stale_trial_callback": optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=heartbeat.retries)}
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **beats)
     except (SQLAlchemyError, OSError, ImportError) as e:
         reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
         raise StorageError(f"cannot open storage {_shown(url)}: {reason}") from None
