@@ -154,3 +154,29 @@ def test_three_workers_share_one_study_without_losing_or_repeating_trials(
         storage = open_storage(server_url)
         if name in [s.study_name for s in storage.get_all_studies()]:
             optuna.delete_study(study_name=name, storage=storage)
+
+
+def test_passwords_in_storage_urls_never_reach_output(cli, write_spec, caplog):
+    code, out, err = cli("report", "--storage", "postgresql://u:hunter2@127.0.0.1:1/none")
+    assert code == 2 and "***" in err and "hunter2" not in out + err + caplog.text
+    url = SERVERS["postgresql"]
+    if not reachable(url):
+        pytest.skip(f"postgresql server not reachable at {url}")
+    parsed = sqlalchemy.engine.make_url(url)
+    secret = parsed.set(password=parsed.password or "hunter2")  # trust auth ignores it
+    with_password = secret.render_as_string(hide_password=False)
+    if not reachable(with_password):
+        pytest.skip("the server refuses this password")
+    name = f"tiny-{uuid.uuid4().hex[:8]}"
+    try:
+        outputs = [cli("launch", write_spec(), "--storage", with_password, "--study", name,
+                       "--n-trials", "2", "--no-test"),
+                   cli("status", "--storage", with_password, "--study", name),
+                   cli("report", "--storage", with_password, "--study", name, "--json")]
+        assert all(code == 0 for code, _, _ in outputs)
+        text = "".join(o + e for _, o, e in outputs) + caplog.text
+        assert secret.password not in text
+    finally:
+        storage = open_storage(url)
+        if name in [s.study_name for s in storage.get_all_studies()]:
+            optuna.delete_study(study_name=name, storage=storage)
