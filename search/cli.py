@@ -128,17 +128,44 @@ def report(
 
 @app.command()
 def evaluate(
-    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="spec whose probes to run")],
-    model: Annotated[Path, typer.Option(help="Hugging Face model folder to score")],
+    spec_path: Annotated[Path | None, typer.Argument(
+        metavar="[SPEC]", help="spec whose probes to run (with --model)")] = None,
+    model: Annotated[Path | None, typer.Option(help="Hugging Face model folder to score")
+                     ] = None,
+    storage: Annotated[str | None, typer.Option(
+        help="a study's database: score its --trials instead of a model")] = None,
+    study: StudyOpt = None,
+    trials: Annotated[str, typer.Option(help="with --storage: best, pareto, or numbers "
+                                        "like 3,17")] = "best",
     split: Annotated[str, typer.Option(help="dev or test")] = "dev",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     items: Annotated[Path | None, typer.Option(help="write per-item outputs (JSONL)")] = None,
 ) -> None:
-    """Score one model on the spec's probes, without a study."""
-    from search.run import evaluate_model
-
+    """Score one model on the spec's probes; or a study's chosen trials on its test split."""
     if split not in ("dev", "test"):
         raise MergesearchError(f"--split {split!r}: choose dev or test")
+    if storage is not None:
+        if spec_path is not None or model is not None or items is not None:
+            raise MergesearchError("--storage scores a study's trials: give no SPEC, --model "
+                                   "or --items with it")
+        if split != "test":
+            raise MergesearchError("--storage: trials have their dev values already; "
+                                   "use --split test")
+        from search.run import score_trials_on_test
+
+        scored = score_trials_on_test(storage, study, trials)
+        if as_json:
+            typer.echo(json.dumps(scored, indent=2))
+        else:
+            for number, entry in scored.items():
+                values = "  ".join(f"{k} dev {entry['dev'][k]:.4f} test {v:.4f}"
+                                   for k, v in entry["test"].items())
+                typer.echo(f"trial {number}: {values}")
+        return
+    if spec_path is None or model is None:
+        raise MergesearchError("give SPEC and --model DIR, or --storage URL --split test")
+    from search.run import evaluate_model
+
     if items is None:
         result = evaluate_model(spec_path, model, split)
     else:  # streamed to a hidden file beside OUT, renamed into place when complete

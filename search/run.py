@@ -11,7 +11,8 @@ from optuna.trial import TrialState
 
 from evaluators.engines import HFEngine
 from evaluators.suite import ItemResult, SuiteResult
-from search.report import top_trials
+from mergesearch.errors import MergesearchError, StorageError
+from search.report import ranked_best, select_trial, top_trials
 from search.spec import load_spec
 from search.study import (
     BASELINE_ATTR,
@@ -55,6 +56,33 @@ def score_chosen_on_test(study, bench: Workbench) -> None:
                  if BASELINE_ATTR in t.user_attrs]
     top = [t.number for t in top_trials(study, bench.spec.evaluation.test_top_k)]
     evaluate_on_test(study, bench, list(dict.fromkeys(baselines + top)))
+
+
+def score_trials_on_test(storage: str, name: str | None, which: str) -> dict[int, dict]:
+    """Score a study's chosen trials (`best`, `pareto`, or numbers like `3,17`) on the test
+    split, once each, proving their weights; return dev and test objectives by trial."""
+    study = load_study(storage, name)
+    spec = stored_spec(study)
+    if which in ("best", "pareto"):
+        best = ranked_best(study)
+        numbers = [t.number for t in (best[:1] if which == "best" else best)]
+        if not numbers:
+            raise StorageError(f"study {study.study_name!r} has no complete trial yet")
+    else:
+        try:
+            numbers = [select_trial(study, int(n)).number for n in which.split(",")]
+        except ValueError:
+            raise MergesearchError(f"--trials {which!r}: give best, pareto, or trial numbers "
+                                   "like 3,17") from None
+    bench = Workbench.prepare(spec)
+    try:
+        evaluate_on_test(study, bench, numbers)
+    finally:
+        bench.close()
+    tests = test_results(study)
+    trials = study.get_trials(deepcopy=False)
+    return {n: {"dev": dev_objectives(trials[n], spec), "test": tests[n]["objectives"]}
+            for n in numbers}
 
 
 def join_study(storage: str, name: str | None, n_trials: int | None,

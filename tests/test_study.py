@@ -411,3 +411,24 @@ def test_pruning_needs_one_objective(cli, write_spec, tmp_path):
     spec = write_spec(evaluation={"pruning": {"enabled": True}})
     code, _, err = cli("launch", spec, "--n-trials", "2")
     assert code == 2 and "pruning works on one objective" in err
+
+
+def test_evaluate_scores_chosen_trials_of_a_study_on_test(cli, write_spec, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    assert cli("launch", write_spec(), "--n-trials", "4", "--no-test")[0] == 0
+    code, out, err = cli("evaluate", "--storage", storage, "--split", "test", "--trials",
+                         "pareto", "--json")
+    assert code == 0, err
+    pareto = json.loads(out)
+    report = json.loads(cli("report", "--storage", storage, "--json")[1])
+    assert [int(n) for n in pareto] == [b["trial"] for b in report["best"]]
+    assert all(set(e["test"]) == {"clinical", "instruction"} for e in pareto.values())
+    assert all(b["test"] == pareto[str(b["trial"])]["test"] for b in report["best"])
+    code, out, err = cli("evaluate", "--storage", storage, "--split", "test", "--trials",
+                         "0,2", "--json")
+    assert code == 0 and sorted(json.loads(out)) == ["0", "2"], err
+    for args, needle in [(("--trials", "x"), "give best, pareto, or trial numbers"),
+                         (("--trials", "9"), "no trial 9"), ((), "use --split test")]:
+        split = () if needle == "use --split test" else ("--split", "test")
+        code, _, err = cli("evaluate", "--storage", storage, *split, *args)
+        assert code == 2 and needle in err, err
