@@ -8,7 +8,7 @@ An objective is the mean, over its probes, of each probe's value of the objectiv
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 from evaluators.engines.base import Engine
@@ -83,6 +83,13 @@ class Suite:
                 objectives[objective.name] = sum(values) / len(values)
         return SuiteResult(items, probes, objectives)
 
-    def evaluate(self, engine: Engine, split: str, chunk_size: int = 64) -> SuiteResult:
-        items = [result for chunk in self.chunks(engine, split, chunk_size) for result in chunk]
+    def evaluate(self, engine: Engine, split: str, chunk_size: int = 64,
+                 on_items: Callable[[list[ItemResult]], None] | None = None) -> SuiteResult:
+        """Evaluate every item of `split`; `on_items` sees each chunk's results as they come
+        (to store them, or to stop the evaluation by raising)."""
+        items: list[ItemResult] = []
+        for chunk in self.chunks(engine, split, chunk_size):
+            items += chunk
+            if on_items is not None:
+                on_items(chunk)
         return self.summarize(items)

@@ -26,9 +26,13 @@ from search.study import (
 )
 
 
+def _signs(study: optuna.Study) -> list[float]:
+    return [1.0 if d == StudyDirection.MAXIMIZE else -1.0 for d in study.directions]
+
+
 def _by_signed_mean(study: optuna.Study, trials) -> list[FrozenTrial]:
     """Trials by the mean of their direction-signed study values, best first, then number."""
-    signs = [1.0 if d == StudyDirection.MAXIMIZE else -1.0 for d in study.directions]
+    signs = _signs(study)
 
     def key(trial: FrozenTrial) -> tuple[float, int]:
         signed = sum(s * v for s, v in zip(signs, trial.values, strict=True))
@@ -50,7 +54,7 @@ def ranked_best(study: optuna.Study) -> list[FrozenTrial]:
     ranked = _by_signed_mean(study, complete)
     if len(study.directions) == 1:
         return ranked[:1]
-    signs = [1.0 if d == StudyDirection.MAXIMIZE else -1.0 for d in study.directions]
+    signs = _signs(study)
     return [t for t in ranked if not any(_dominates(o, t, signs) for o in complete)]
 
 
@@ -90,7 +94,7 @@ def baseline_trials(study: optuna.Study) -> dict[str, FrozenTrial]:
     return out
 
 
-def _pruning_savings(study: optuna.Study, spec) -> dict[str, int]:
+def _pruning_savings(study: optuna.Study) -> dict[str, int]:
     """Pruned trials and the dev item evaluations their early stop saved."""
     pruned = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
     finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -139,7 +143,7 @@ def build_report(study: optuna.Study) -> dict[str, Any]:
                                                        if b.startswith("warm:"))]
             if name in baselines
         ],
-        "pruning": _pruning_savings(study, spec),
+        "pruning": _pruning_savings(study),
         "failures": [{"trial": t.number, "reason": t.user_attrs.get(FAIL_REASON_ATTR)}
                      for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))],
         "best": [entry(t) for t in best],

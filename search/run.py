@@ -104,13 +104,8 @@ def evaluate_model(spec_path: Path, model: Path, split: str,
     spec = load_spec(spec_path)
     suite = build_suite(spec)
     engine = HFEngine(model, spec.engine.device, spec.engine.dtype, spec.engine.batch_size)
-    items: list[ItemResult] = []
     try:
-        for chunk in suite.chunks(engine, split, spec.evaluation.chunk_size):
-            items += chunk
-            if on_items is not None:
-                on_items(chunk)
-        return suite.summarize(items)
+        return suite.evaluate(engine, split, spec.evaluation.chunk_size, on_items)
     finally:
         engine.close()
 

@@ -255,14 +255,19 @@ class StudySpec(_Strict):
             return ["weighted"]
         return [o.name for o in self.objectives]
 
+    def coefficient(self, objective: ObjectiveSpec) -> float:
+        """What an objective's value is multiplied by in the study's value: 1 for a Pareto
+        study; its share of the weights, negative when minimised, for a weighted one."""
+        if self.combine != "weighted":
+            return 1.0
+        sign = 1.0 if objective.direction == "maximize" else -1.0
+        return sign * objective.weight / sum(o.weight for o in self.objectives)
+
     def study_values(self, objectives: dict[str, float]) -> list[float]:
-        """Objective values as the study sees them: as they are, or their weighted sum
-        (minimised objectives count negatively), over the weights' total."""
+        """Objective values as the study sees them: as they are, or their weighted sum."""
         if self.combine != "weighted":
             return [objectives[o.name] for o in self.objectives]
-        total = sum(o.weight for o in self.objectives)
-        return [sum(o.weight * objectives[o.name] * (1 if o.direction == "maximize" else -1)
-                    for o in self.objectives) / total]
+        return [sum(self.coefficient(o) * objectives[o.name] for o in self.objectives)]
 
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

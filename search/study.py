@@ -31,13 +31,13 @@ log = logging.getLogger(__name__)
 SPEC_ATTR = "spec"
 BASELINE_ATTR = "baseline"
 OBJECTIVES_ATTR = "objectives"
+CONSTRAINTS_ATTR = "constraints"
+FAIL_REASON_ATTR = "fail_reason"
+ITEMS_ATTR = "items_evaluated"
 TEST_ATTR_PREFIX = "test:"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # Spec sections that define what a study's trial values mean; the rest may change on resume.
 _IDENTITY = ("parents", "merge", "probes", "objectives", "combine", "constraints")
-
-
-CONSTRAINTS_ATTR = "constraints"
 
 
 def make_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
@@ -174,11 +174,7 @@ class TrialFailed(Exception):
     """A trial's merge or evaluation failed; the study records why and goes on."""
 
 
-FAIL_REASON_ATTR = "fail_reason"
 MAX_CONSECUTIVE_FAILURES = 5
-
-
-ITEMS_ATTR = "items_evaluated"
 
 
 def _score(bench: Workbench, trial: optuna.Trial, recipe: MergeRecipe):

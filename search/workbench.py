@@ -89,26 +89,19 @@ class Workbench:
         """Load the recipe into the engine and evaluate it; return (weights hash, result).
         `on_items` sees each chunk's results as they come (and may stop the trial)."""
         weights_hash = self.engine.load_recipe(recipe)  # hashed while the suite runs
-        items: list[ItemResult] = []
-        for chunk in self.suite.chunks(self.engine, split, self.spec.evaluation.chunk_size):
-            items += chunk
-            if on_items is not None:
-                on_items(chunk)
-        return weights_hash.hexdigest(), self.suite.summarize(items)
+        result = self.suite.evaluate(self.engine, split, self.spec.evaluation.chunk_size,
+                                     on_items)
+        return weights_hash.hexdigest(), result
 
     def item_value(self, item: ItemResult) -> float:
         """An item's share of the study's value (what pruning compares between trials): its
         score in each objective's metric, over the objective's probes, weighted and signed
         as `combine: weighted` does."""
-        spec, value = self.spec, 0.0
-        total = sum(o.weight for o in spec.objectives)
-        for o in spec.objectives:
+        value = 0.0
+        for o in self.spec.objectives:
             if item.probe in o.probes:
                 metric = o.metric or self.suite.probes[item.probe].default_metric
-                share = item.scores[metric] / len(o.probes)
-                if spec.combine == "weighted":
-                    share *= o.weight / total * (1 if o.direction == "maximize" else -1)
-                value += share
+                value += self.spec.coefficient(o) * item.scores[metric] / len(o.probes)
         return value
 
     @property

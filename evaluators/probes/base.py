@@ -99,6 +99,13 @@ class Probe:
         return sum(s[metric] for s in scores) / len(scores)
 
 
+def pooled_mean(scores: list[dict[str, float]], metric: str, count: str) -> float:
+    """The mean over all the entries behind per-item means (`metric` of `count` entries
+    each), as IFEval's instruction-level accuracy pools instructions across prompts."""
+    total = sum(s[count] for s in scores)
+    return sum(s[metric] * s[count] for s in scores) / total if total else 0.0
+
+
 class FileProbe(Probe):
     """A probe whose items are records of data files; `make_item` turns one into an item."""
 

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from evaluators.data import field_of
 from evaluators.engines.base import GenerationRequest
-from evaluators.probes.base import FileProbe, FileProbeConfig, ProbeItem
+from evaluators.probes.base import FileProbe, FileProbeConfig, ProbeItem, pooled_mean
 from evaluators.probes.ifeval_checks import (
     instruction_arguments,
     instruction_description,
@@ -91,5 +91,4 @@ class InstructionProbe(FileProbe):
     def aggregate(self, scores: list[dict[str, float]], metric: str) -> float:
         if metric not in _INST_LEVEL:
             return super().aggregate(scores, metric)
-        followed = sum(s[metric] * s["n_instructions"] for s in scores)
-        return followed / sum(s["n_instructions"] for s in scores)
+        return pooled_mean(scores, metric, "n_instructions")

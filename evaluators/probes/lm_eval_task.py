@@ -40,7 +40,7 @@ from pydantic import Field
 
 from evaluators.data import hashed_split
 from evaluators.engines.base import Engine, GenerationRequest, LoglikelihoodRequest
-from evaluators.probes.base import Probe, ProbeConfig, ProbeItem
+from evaluators.probes.base import Probe, ProbeConfig, ProbeItem, pooled_mean
 from evaluators.probes.ifeval_checks import ensure_sentence_tokenizer
 from mergesearch.errors import ProbeError
 
@@ -277,8 +277,7 @@ class LmEvalProbe(Probe):
     def aggregate(self, scores: list[dict[str, float]], metric: str) -> float:
         count = f"{metric}_count"
         if count in scores[0]:  # a list per document: pool all entries
-            total = sum(s[count] for s in scores)
-            return sum(s[metric] * s[count] for s in scores) / total if total else 0.0
+            return pooled_mean(scores, metric, count)
         aggregation = self._aggregations[metric.partition(",")[0]]
         return float(aggregation([s[metric] for s in scores]))
 
