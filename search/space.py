@@ -43,11 +43,13 @@ class Dimension:
     low: float
     high: float
     label: str | None = None  # `t` for the share of the second model of a normalised pair
+    method: str = ""  # its method's name, where the study chooses between several
 
     @property
     def name(self) -> str:
         model = f"[{self.model}]" if self.model else ""
-        return f"{self.label or self.param}{model}[{self.gene}]"
+        method = f"{self.method}." if self.method else ""
+        return f"{method}{self.label or self.param}{model}[{self.gene}]"
 
 
 ANCHOR = "anchor."  # gene prefix of the control points of `anchors` genes
@@ -106,11 +108,53 @@ def _check_gene_keys(keys: dict[str, Any], layout: ModelLayout, anchors: int) ->
                             f"anchor.K; this model has {layout.num_layers} layers)")
 
 
+METHOD_PARAM = "method"  # the categorical parameter of a study over several methods
+
+
 class SearchSpace:
+    """The study's space: one method's, or a categorical `method` choosing between several,
+    each with its own (conditional) parameters, named `METHOD.PARAM[...]`."""
+
     def __init__(self, spec: StudySpec, layout: ModelLayout):
+        names = spec.merge.methods
+        self.layout = layout
+        self.several = len(names) > 1
+        self.methods = {name: MethodSpace(spec, layout, name, prefixed=self.several)
+                        for name in names}
+
+    @property
+    def dimensions(self) -> list[Dimension]:
+        return [d for m in self.methods.values() for d in m.dimensions]
+
+    def suggest(self, trial: optuna.Trial) -> MergeRecipe:
+        name = (trial.suggest_categorical(METHOD_PARAM, list(self.methods)) if self.several
+                else next(iter(self.methods)))
+        return self.methods[name].suggest(trial)
+
+    def recipe(self, values: dict[str, Any], number: int = 0) -> MergeRecipe:
+        name = values[METHOD_PARAM] if self.several else next(iter(self.methods))
+        return self.methods[name].recipe(values, number)
+
+    def point(self, method: str, values: dict[str, float]) -> dict[str, Any]:
+        """Trial parameters for `values` of one method's dimensions."""
+        return {METHOD_PARAM: method, **values} if self.several else values
+
+    def baselines(self) -> dict[str, dict[str, Any]]:
+        """Each baseline once, in the first listed method that can express it."""
+        out: dict[str, dict[str, Any]] = {}
+        for name, method_space in self.methods.items():
+            for baseline, values in method_space.baselines().items():
+                out.setdefault(baseline, self.point(name, values))
+        return out
+
+
+class MethodSpace:
+    """The dimensions of one merge method, and how their values become its recipe."""
+
+    def __init__(self, spec: StudySpec, layout: ModelLayout, method: str, prefixed: bool):
         merge = spec.merge
-        self.method = get_method(merge.method)
-        self.base = merge.base
+        self.method = get_method(method)
+        self.base = merge.base_for(method)
         self.models = [p.name for p in spec.parents if p.name != merge.base]
         self.vocab_source = spec.source_parent.name
         self.seed = spec.seed
@@ -122,8 +166,9 @@ class SearchSpace:
         _check_gene_keys(merge.gene_bounds, layout, merge.anchors)
         self.fixed: dict[str, float] = {}
         self.dimensions: list[Dimension] = []
+        settings = merge.params_for(method)
         for param in self.method.params:
-            setting = merge.params.get(param.name)
+            setting = settings.get(param.name)
             mixing = param.name in ("weight", "t")
             if mixing:
                 setting = ParamRange(low=merge.bounds[0], high=merge.bounds[1])
@@ -139,7 +184,8 @@ class SearchSpace:
                 for gene in gene_list:
                     low, high = (_gene_bounds(gene, merge.bounds, merge.gene_bounds) if mixing
                                  else (setting.low, setting.high))
-                    self.dimensions.append(Dimension(param.name, model, gene, low, high, label))
+                    self.dimensions.append(Dimension(param.name, model, gene, low, high, label,
+                                                     method if prefixed else ""))
 
     def _models_of(self, param: Param) -> list[str | None]:
         if not param.per_model:
@@ -184,7 +230,9 @@ class SearchSpace:
 
     def _constant(self, weights: dict[str, float]) -> dict[str, float] | None:
         """Optuna values giving every gene the same model weights (t for slerp: the share of
-        the non-base model) and neutral other parameters; None if outside the space."""
+        the non-base model) and neutral other parameters; None if outside the space. With
+        every weight 0 a task-vector merge is the base whatever its other parameters."""
+        only_base = self.base is not None and not any(weights.values())
         values = {}
         for d in self.dimensions:
             if d.param == "weight" and self.pair_t:
@@ -193,14 +241,14 @@ class SearchSpace:
                 value = weights[d.model]
             elif d.param == "t":
                 value = weights[self.models[0]]
-            elif d.param in NEUTRAL:
+            elif d.param in NEUTRAL and not only_base:
                 value = NEUTRAL[d.param]
             else:
                 value = d.low
             if not d.low <= value <= d.high:
                 return None
             values[d.name] = value
-        if any(self.fixed.get(p, v) != v for p, v in NEUTRAL.items()):
+        if not only_base and any(self.fixed.get(p, v) != v for p, v in NEUTRAL.items()):
             return None
         return values
 

@@ -45,8 +45,13 @@ class ParamRange(_Strict):
         return self
 
 
+ParamSetting = float | tuple[float, float] | ParamRange
+
+
 class MergeSpec(_Strict):
-    method: str = "linear"
+    method: str | list[str] = Field(
+        "linear", description="a merge method, or several: the study then chooses the method "
+        "per trial, each with its own parameters")
     base: str | None = Field(None, description="parent the task vectors are taken from "
                              "(task-vector methods, slerp, model_stock)")
     genes: Granularity = "per_layer"
@@ -56,9 +61,10 @@ class MergeSpec(_Strict):
     gene_bounds: dict[str, tuple[float, float]] = Field(
         default_factory=dict, description="range of weight and t for some genes (embed, norm, "
         "lm_head, layers.N, layers.N.attn, anchor.K): the most specific key wins")
-    params: dict[str, float | tuple[float, float] | ParamRange] = Field(
+    params: dict[str, ParamSetting] = Field(
         default_factory=dict, description="other method parameters: a number fixes one, "
-        "[low, high] or {low, high, genes} searches it")
+        "[low, high] or {low, high, genes} searches it; with several methods a key applies to "
+        "each method that has the parameter, and `METHOD.PARAM` to one method alone")
     source: str | None = Field(
         None, description="parent whose config, tokenizer and chat template the merge uses "
         "(default: the last parent)"
@@ -67,6 +73,24 @@ class MergeSpec(_Strict):
         default_factory=list, description="recipes tried first, beside the parents and their "
         "average: exported mergesearch_recipe.json files or mergekit YAML configs")
 
+    @property
+    def methods(self) -> list[str]:
+        return [self.method] if isinstance(self.method, str) else list(self.method)
+
+    def params_for(self, method: str) -> dict[str, float | ParamRange]:
+        """The parameter settings one method gets: the shared keys it has, overridden by
+        its own `METHOD.PARAM` keys."""
+        names = {p.name for p in get_method(method).params}
+        shared = {k: v for k, v in self.params.items() if "." not in k and k in names}
+        own = {k.split(".", 1)[1]: v for k, v in self.params.items()
+               if k.startswith(f"{method}.")}
+        return {**shared, **own}
+
+    def base_for(self, method: str) -> str | None:
+        """The base model a method merges against: none for methods that take no base
+        (with several methods, those merge the other parents and leave the base out)."""
+        return None if get_method(method).base == "ignored" else self.base
+
     @model_validator(mode="after")
     def _valid(self) -> MergeSpec:
         for key, (low, high) in [("", self.bounds), *self.gene_bounds.items()]:
@@ -74,37 +98,64 @@ class MergeSpec(_Strict):
                 where = f"gene_bounds.{key}" if key else "bounds"
                 raise ValueError(f"{where} must be [low, high] with low < high, not "
                                  f"{[low, high]}")
+        methods = self.methods
+        if not methods:
+            raise ValueError("method: list at least one merge method")
+        if len(set(methods)) < len(methods):
+            raise ValueError(f"method: a method is listed twice ({', '.join(methods)})")
         try:
-            method = get_method(self.method)
-            for name, value in self.params.items():
-                param = method.param(name)
-                if name in ("weight", "t"):
-                    raise ValueError(f"params.{name}: set its range with merge.bounds")
-                if isinstance(value, tuple):
-                    self.params[name] = value = ParamRange(low=value[0], high=value[1])
-                if isinstance(value, ParamRange):
-                    if param.boolean:
-                        raise ValueError(f"params.{name} is true/false: fix it, do not search it")
-                    param.check(value.low, f"params.{name}")
-                    param.check(value.high, f"params.{name}")
-                else:
-                    param.check(value, f"params.{name}")
+            for name in methods:
+                get_method(name)
+            self._check_param_keys(methods)
+            for name in methods:
+                self._check_method(name, several=len(methods) > 1)
         except MergesearchError as e:
             raise ValueError(str(e)) from None
+        return self
+
+    def _check_param_keys(self, methods: list[str]) -> None:
+        for key, value in self.params.items():
+            if isinstance(value, tuple):
+                self.params[key] = ParamRange(low=value[0], high=value[1])
+            method, _, name = key.rpartition(".")
+            if method and method not in methods:
+                raise MergesearchError(f"params.{key}: {method!r} is not a listed method "
+                                       f"({', '.join(methods)})")
+            if name in ("weight", "t"):
+                raise MergesearchError(f"params.{key}: set its range with merge.bounds")
+            owners = [method] if method else methods
+            if len(owners) == 1:
+                get_method(owners[0]).param(name)  # says which parameters it takes
+            elif not any(name in {p.name for p in get_method(m).params} for m in owners):
+                raise MergesearchError(f"params.{key}: none of the methods "
+                                       f"({', '.join(owners)}) has a parameter {name!r}")
+
+    def _check_method(self, name: str, several: bool) -> None:
+        method = get_method(name)
+        where = f"{name} " if several else ""
+        for key, value in self.params_for(name).items():
+            param = method.param(key)
+            if isinstance(value, ParamRange):
+                if param.boolean:
+                    raise MergesearchError(f"params.{key} is true/false: fix it, do not "
+                                           "search it")
+                param.check(value.low, f"{where}params.{key}")
+                param.check(value.high, f"{where}params.{key}")
+            else:
+                param.check(value, f"{where}params.{key}")
         if method.base == "required" and self.base is None:
-            raise ValueError(f"method {self.method!r} needs merge.base (a parent's name)")
-        if method.base == "ignored" and self.base is not None:
-            raise ValueError(f"method {self.method!r} takes no base model; remove merge.base")
+            raise MergesearchError(f"method {name!r} needs merge.base (a parent's name)")
+        if method.base == "ignored" and self.base is not None and not several:
+            raise MergesearchError(f"method {name!r} takes no base model; remove merge.base")
         searched = [p.name for p in method.params if p.name in ("weight", "t")
-                    or isinstance(self.params.get(p.name), ParamRange)]
-        if not searched:
+                    or isinstance(self.params_for(name).get(p.name), ParamRange)]
+        if not searched and not several:  # among several methods, it is one candidate
             numeric = [p.name for p in method.params if not p.boolean]
-            raise ValueError(
-                f"method {self.method!r} leaves nothing to search: "
+            raise MergesearchError(
+                f"method {name!r} leaves nothing to search: "
                 + (f"give a [low, high] range in merge.params for {', '.join(numeric)}"
                    if numeric else "it has no numeric parameter; merge it once with "
                    "`mergesearch merge` instead"))
-        return self
 
 
 class ObjectiveSpec(_Strict):
@@ -211,10 +262,14 @@ class StudySpec(_Strict):
                 raise ValueError(f"merge.{key} {name!r} is not a parent "
                                  f"({', '.join(parent_names)})")
         try:
-            get_method(self.merge.method).check_model_count(
-                len(parent_names) - (self.merge.base is not None))
+            for method in self.merge.methods:
+                get_method(method).check_model_count(
+                    len(parent_names) - (self.merge.base is not None))
         except MergesearchError as e:
             raise ValueError(str(e)) from None
+        if len(self.merge.methods) > 1 and self.sampler.name == "grid":
+            raise ValueError("sampler grid searches one method: list one in merge.method, "
+                             "or use another sampler")
         objective_names = [o.name for o in self.objectives]
         for i, constraint in enumerate(self.constraints):
             if constraint.objective not in objective_names:

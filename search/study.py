@@ -59,8 +59,10 @@ def make_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
             return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=startup)
         if name == "grid":
             return optuna.samplers.GridSampler(grid_space(spec), seed=seed)
+        # group: a study over several methods has a conditional space, modelled per method
         return optuna.samplers.TPESampler(
-            seed=seed, n_startup_trials=startup, multivariate=True, constant_liar=True)
+            seed=seed, n_startup_trials=startup, multivariate=True, constant_liar=True,
+            group=len(spec.merge.methods) > 1)
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:

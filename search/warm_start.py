@@ -16,7 +16,7 @@ from pathlib import Path
 from mergesearch.errors import SpecError
 from merging import MergeRecipe, Parents
 from merging.mergekit_config import read_mergekit_config
-from search.space import ANCHOR, SearchSpace
+from search.space import ANCHOR, MethodSpace, SearchSpace
 from search.spec import StudySpec
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def read_recipe(path: Path, spec: StudySpec, parents: Parents) -> MergeRecipe:
         raise SpecError(f"{where}: not a recipe JSON or mergekit YAML ({e})") from None
 
 
-def _tensors_of(space: SearchSpace, gene: str) -> list[str]:
+def _tensors_of(space: MethodSpace, gene: str) -> list[str]:
     """The tensors a dimension's gene stands for (an anchor: its layer)."""
     layout = space.layout
     if gene.startswith(ANCHOR):
@@ -60,13 +60,14 @@ def _tensors_of(space: SearchSpace, gene: str) -> list[str]:
     return [t for t, g in by_gene if g.startswith(gene + ".")]
 
 
-def space_point(space: SearchSpace, recipe: MergeRecipe, where: str) -> dict[str, float]:
+def space_point(study_space: SearchSpace, recipe: MergeRecipe, where: str) -> dict[str, float]:
     """The space's parameters for `recipe`, checked to lie within its bounds."""
-    if recipe.method != space.method.name or set(recipe.models) != set(space.models) \
-            or recipe.base != space.base:
+    space = study_space.methods.get(recipe.method)
+    if space is None or set(recipe.models) != set(space.models) or recipe.base != space.base:
+        searched = "; ".join(f"{m.method.name} of {', '.join(m.models)} (base {m.base})"
+                             for m in study_space.methods.values())
         raise SpecError(f"{where}: a {recipe.method} merge of {', '.join(recipe.models)} "
-                        f"(base {recipe.base}); the study searches {space.method.name} of "
-                        f"{', '.join(space.models)} (base {space.base})")
+                        f"(base {recipe.base}); the study searches {searched}")
     layout = space.layout
     values = {}
     for d in space.dimensions:
@@ -90,7 +91,7 @@ def space_point(space: SearchSpace, recipe: MergeRecipe, where: str) -> dict[str
            for t, g in layout.genes_by_tensor.items()):
         log.warning("%s: the search space cannot express the recipe exactly; warm-starting "
                     "from its nearest reading", where)
-    return values
+    return study_space.point(recipe.method, values)
 
 
 def warm_start_points(spec: StudySpec, space: SearchSpace, parents: Parents

@@ -260,6 +260,64 @@ def test_anchor_genes_interpolate_across_depth_with_bounds_per_gene(parents, pro
         SearchSpace(StudySpec.model_validate(data), _layout(5))
 
 
+def test_several_methods_are_one_categorical_with_conditional_parameters(
+        cli, write_spec, parents, tmp_path):
+    """linear or ties, chosen per trial: each trial suggests only its method's parameters,
+    linear merges the two fine-tunes without the base, ties merges against the base with its
+    own density range, and every baseline is enqueued once."""
+    spec = write_spec(
+        parents=[{"name": n, "path": str(parents[n])} for n in ("base", "clinical", "instruct")],
+        merge={"method": ["linear", "ties"], "base": "base", "genes": "global",
+               "outer_genes": False, "params": {"ties.density": [0.3, 0.9]}},
+        sampler={"name": "random"})
+    code, _, err = cli("launch", spec, "--n-trials", "10", "--no-test")
+    assert code == 0, err
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'study.db'}")
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(trials) == 10
+    params = {"linear": {"method", "linear.t[*]"},
+              "ties": {"method", "ties.weight[clinical][*]", "ties.weight[instruct][*]",
+                       "ties.density[clinical][*]", "ties.density[instruct][*]"}}
+    for t in trials:
+        method = t.params["method"]
+        recipe = t.user_attrs["recipe"]
+        assert set(t.params) == params[method] and recipe["method"] == method
+        assert recipe["base"] == ("base" if method == "ties" else None)
+        if method == "ties":
+            assert 0.3 <= t.params["ties.density[clinical][*]"] <= 0.9
+    assert {t.params["method"] for t in trials} == {"linear", "ties"}
+    baselines = {t.user_attrs["baseline"]: t.params["method"] for t in trials
+                 if "baseline" in t.user_attrs}
+    # the base alone only ties can give (weights 0); linear, listed first, gives the rest
+    assert baselines == {"base": "ties", "clinical": "linear", "instruct": "linear",
+                         "uniform": "linear"}
+    import torch
+
+    from merging import Materializer, MergeRecipe, Parents
+
+    held = Parents({n: parents[n] for n in ("base", "clinical", "instruct")})
+    base_trial = next(t for t in trials if t.user_attrs.get("baseline") == "base")
+    recipe = MergeRecipe.from_dict(base_trial.user_attrs["recipe"])
+    for name, merged in Materializer(held).tensors(recipe, torch.float32):
+        assert torch.equal(merged, held.tensor("base", name)), name
+
+
+def test_several_methods_refuse_what_they_cannot_search(cli, write_spec, parents, tmp_path):
+    three = [{"name": n, "path": str(parents[n])} for n in ("base", "clinical", "instruct")]
+    cases = [({"method": ["linear", "ties"], "base": "base", "params": {"dare.density": 0.5}},
+              "params.dare.density: 'dare' is not a listed method"),
+             ({"method": ["linear", "slerp"], "base": "base", "params": {"density": 0.5}},
+              "params.density: none of the methods (linear, slerp) has a parameter 'density'"),
+             ({"method": ["linear", "linear"]}, "method: a method is listed twice"),
+             ({"method": ["linear", "ties"]}, "method 'ties' needs merge.base")]
+    for merge, needle in cases:
+        code, _, err = cli("launch", write_spec(parents=three, merge=merge), "--n-trials", "1")
+        assert code == 2 and needle in err, (merge, err)
+    code, _, err = cli("launch", write_spec(parents=three, sampler={"name": "grid"}, merge={
+        "method": ["linear", "ties"], "base": "base"}), "--n-trials", "1")
+    assert code == 2 and "sampler grid searches one method" in err
+
+
 def test_weighted_study_with_a_constraint_relative_to_a_parent(cli, write_spec, tmp_path):
     """One weighted objective; trials whose instruction score falls below 0.9 of the
     instruct parent's are infeasible and never reported as best."""
