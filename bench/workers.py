@@ -45,6 +45,8 @@ sys.path.insert(0, str(REPO))
 DEFAULT_URL = os.environ.get("MERGESEARCH_TEST_POSTGRESQL",
                              "postgresql://postgres@127.0.0.1:5432/test")
 SPEC_PATH = REPO / "search/demo/assets/spec.yaml"
+PARTS = {"ask": "ask (sampler)", "suggest": "suggest (params)", "attrs": "user attrs",
+         "tell": "tell", "budget": "budget callback", "stale": "stale-trial check"}
 BUDGET_UNLIMITED = 10**9  # duration mode: MaxTrialsCallback is on (as in a real run), never hit
 
 
@@ -124,43 +126,34 @@ def worker_main(url: str, study_name: str, seconds: float, duration: float | Non
         import optuna
         import optuna.study._optimize as optimize_module
 
-        from search.study import load_study, run_trials, stored_spec, worker_seed
+        from search.study import MaxTrialsCallback, load_study, run_trials, stored_spec, worker_seed
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         study = load_study(url, study_name, as_worker=True)
         bench = FixedCostBench(stored_spec(study), seconds)
-        asks, tells, stale, trial_ids = [], [], [], []
+        timings: dict[str, list[float]] = {k: [] for k in PARTS}
+        trial_ids: list[int] = []
 
-        real_ask = study.ask
+        def timed(part, func, record=None):
+            def wrapper(*args, **kwargs):
+                began = time.perf_counter()
+                try:
+                    out = func(*args, **kwargs)
+                finally:
+                    timings[part].append(time.perf_counter() - began)
+                if record is not None:
+                    record(out)
+                return out
+            return wrapper
 
-        def timed_ask(*args, **kwargs):
-            began = time.perf_counter()
-            trial = real_ask(*args, **kwargs)
-            asks.append(time.perf_counter() - began)
-            trial_ids.append(trial._trial_id)
-            return trial
-
-        study.ask = timed_ask  # _run_trial calls study.ask()
-        real_tell = optimize_module._tell_with_warning
-
-        def timed_tell(*args, **kwargs):
-            began = time.perf_counter()
-            try:
-                return real_tell(*args, **kwargs)
-            finally:
-                tells.append(time.perf_counter() - began)
-
-        optimize_module._tell_with_warning = timed_tell
-        real_stale = optuna.storages.fail_stale_trials
-
-        def timed_stale(*args, **kwargs):
-            began = time.perf_counter()
-            try:
-                return real_stale(*args, **kwargs)
-            finally:
-                stale.append(time.perf_counter() - began)
-
-        optuna.storages.fail_stale_trials = timed_stale
+        # Time each step a trial takes besides its fixed cost, where Optuna and mergesearch
+        # look the functions up at call time.
+        study.ask = timed("ask", study.ask, lambda trial: trial_ids.append(trial._trial_id))
+        optimize_module._tell_with_warning = timed("tell", optimize_module._tell_with_warning)
+        optuna.storages.fail_stale_trials = timed("stale", optuna.storages.fail_stale_trials)
+        optuna.trial.Trial.set_user_attr = timed("attrs", optuna.trial.Trial.set_user_attr)
+        MaxTrialsCallback.__call__ = timed("budget", MaxTrialsCallback.__call__)
+        bench.space.suggest = timed("suggest", bench.space.suggest)
         ready.put(os.getpid())
         go.wait()
         while time.time() < start_at.value:
@@ -172,8 +165,8 @@ def worker_main(url: str, study_name: str, seconds: float, duration: float | Non
         sleeps = bench.sleeps
         gaps = [sleeps[i + 1][0] - sleeps[i][1] for i in range(len(sleeps) - 1)]
         results.put({"pid": os.getpid(), "seed": worker_seed(bench.spec.seed),
-                     "trial_ids": trial_ids, "scored": len(sleeps), "asks": asks,
-                     "tells": tells, "stale": stale, "gaps": gaps,
+                     "trial_ids": trial_ids, "scored": len(sleeps), "timings": timings,
+                     "gaps": gaps,
                      "slept": sum(b - a for a, b in sleeps), "wall": ended - began,
                      "cpu": cpu, "end_wall": time.time(), "error": None})
     except BaseException:  # noqa: BLE001 - reported to the parent, which fails the run
@@ -310,6 +303,7 @@ def main() -> None:
     from search.spec import load_spec
     from storage.rdb import _shown
 
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     spec = load_spec(SPEC_PATH)
     print("# command: " + " ".join(shlex.quote(a) for a in [".venv/bin/python", *sys.argv]),
           flush=True)
@@ -333,34 +327,37 @@ def main() -> None:
     base = next((r for r in runs if r["workers"] == 1), None)
     base_rate = base["finished"] / base["wall"] * 3600 if base else None
     print()
-    print("| workers | finished trials | wall | trials per hour | ideal | speed-up vs 1 "
-          "| between trials, ms (median / p95) | ask, ms (median / p95) | tell, ms (median) "
-          "| orchestration CPU per trial | checks |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| workers | finished trials (per worker) | wall | trials per hour | ideal "
+          "| speed-up vs 1 | between trials, ms (median / p95) | checks |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in runs:
         reps = r["reports"]
         rate = r["finished"] / r["wall"] * 3600
         ideal = 3600 * r["workers"] / args.trial_seconds
         gaps = [g for rep in reps for g in rep["gaps"]]
-        asks = [a for rep in reps for a in rep["asks"]]
-        tells = [t for rep in reps for t in rep["tells"]]
-        cpu = sum(rep["cpu"] for rep in reps) / max(1, r["finished"])
-        speedup = f"{rate / base_rate:.2f}x (ideal {r['workers']}.0)" if base_rate else "-"
+        speedup = (f"{rate / base_rate:.2f}x (ideal {r['workers']}.0)" if base_rate else "-")
         failed = [k for k, ok in r["checks"].items() if not ok]
-        print(f"| {r['workers']} | {r['finished']} | {r['wall']:.0f} s | {rate:,.0f} | "
-              f"{ideal:,.0f} | {speedup} | {_ms(gaps)} / {_ms(gaps, 0.95)} | "
-              f"{_ms(asks)} / {_ms(asks, 0.95)} | {_ms(tells)} | {cpu * 1000:.0f} ms | "
+        print(f"| {r['workers']} | {r['finished']} ({' + '.join(str(p['scored']) for p in reps)})"
+              f" | {r['wall']:.0f} s | {rate:,.0f} | {ideal:,.0f} | {speedup} | "
+              f"{_ms(gaps)} / {_ms(gaps, 0.95)} | "
               + ("all passed" if not failed else "FAILED: " + ", ".join(failed)) + " |")
     print()
-    print("| workers | per-worker trials | stale-trial check, ms (median) "
-          "| duplicated parameter sets | baselines enqueued / run |")
-    print("|---|---|---|---|---|")
+    print("Time a trial spends besides its fixed cost, mean ms per finished trial, and the "
+          "workers' CPU time per finished trial:")
+    print()
+    print("| workers | " + " | ".join(PARTS.values()) + " | other | total | CPU "
+          "| ask p95 | duplicated parameter sets |")
+    print("|---|" + "---|" * (len(PARTS) + 5))
     for r in runs:
         reps = r["reports"]
-        stale = [s for rep in reps for s in rep["stale"]]
-        print(f"| {r['workers']} | {' + '.join(str(rep['scored']) for rep in reps)} | "
-              f"{_ms(stale)} | {r['duplicate_params']} | {r['baselines']} / "
-              f"{'once each' if r['checks']['each baseline once'] else 'NOT once each'} |")
+        n = max(1, sum(rep["scored"] for rep in reps))
+        parts = {k: sum(sum(rep["timings"][k]) for rep in reps) / n for k in PARTS}
+        total = sum(rep["wall"] - rep["slept"] for rep in reps) / n
+        cpu = sum(rep["cpu"] for rep in reps) / n
+        asks = [a for rep in reps for a in rep["timings"]["ask"]]
+        print(f"| {r['workers']} | " + " | ".join(f"{v * 1000:.0f}" for v in parts.values())
+              + f" | {(total - sum(parts.values())) * 1000:.0f} | {total * 1000:.0f} | "
+              f"{cpu * 1000:.0f} | {_ms(asks, 0.95)} | {r['duplicate_params']} |")
     print()
     print("checks: " + "; ".join(f"{r['workers']} worker(s): " + ", ".join(
         f"{k} {'ok' if ok else 'FAILED'}" for k, ok in r["checks"].items()) for r in runs))

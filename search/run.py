@@ -16,6 +16,7 @@ from search.report import ranked_best, select_trial, top_trials
 from search.spec import load_spec
 from search.study import (
     BASELINE_ATTR,
+    Records,
     create_or_resume,
     dev_objectives,
     enqueue_baselines,
@@ -27,6 +28,7 @@ from search.study import (
     test_results,
 )
 from search.workbench import Workbench, build_suite
+from storage.artifacts import default_artifact_dir
 
 log = logging.getLogger(__name__)
 
@@ -37,25 +39,28 @@ def launch_study(spec_path: Path, storage: str | None = None, name: str | None =
     """Check everything, then create or resume the study, run it, and score the best on
     test. Returns a one-paragraph summary."""
     spec = load_spec(spec_path)
+    storage = storage or spec.storage
+    spec.artifacts = spec.artifacts or default_artifact_dir(storage, spec_path.parent.resolve())
     bench = Workbench.prepare(spec)  # every user mistake surfaces before storage is touched
     try:
-        study = create_or_resume(spec, storage or spec.storage, name or spec.name)
+        study = create_or_resume(spec, storage, name or spec.name)
+        records = Records.open(storage, spec)
         enqueue_baselines(study, bench)
         run_trials(study, bench, n_trials or spec.budget.n_trials,
-                   timeout or spec.budget.timeout, progress)
+                   timeout or spec.budget.timeout, progress, records)
         if test:
-            score_chosen_on_test(study, bench)
+            score_chosen_on_test(study, bench, records)
     finally:
         bench.close()
     return f"study {study.study_name}: {finished_count(study)} finished trials"
 
 
-def score_chosen_on_test(study, bench: Workbench) -> None:
+def score_chosen_on_test(study, bench: Workbench, records: Records) -> None:
     """Baselines and the top dev trials, on the test split."""
     baselines = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                  if BASELINE_ATTR in t.user_attrs]
     top = [t.number for t in top_trials(study, bench.spec.evaluation.test_top_k)]
-    evaluate_on_test(study, bench, list(dict.fromkeys(baselines + top)))
+    evaluate_on_test(study, bench, list(dict.fromkeys(baselines + top)), records)
 
 
 def score_trials_on_test(storage: str, name: str | None, which: str) -> dict[int, dict]:
@@ -76,7 +81,7 @@ def score_trials_on_test(storage: str, name: str | None, which: str) -> dict[int
                                    "like 3,17") from None
     bench = Workbench.prepare(spec)
     try:
-        evaluate_on_test(study, bench, numbers)
+        evaluate_on_test(study, bench, numbers, Records.open(storage, spec))
     finally:
         bench.close()
     tests = test_results(study)
@@ -92,7 +97,7 @@ def join_study(storage: str, name: str | None, n_trials: int | None,
     bench = Workbench.prepare(spec)
     try:
         run_trials(study, bench, n_trials or spec.budget.n_trials,
-                   timeout or spec.budget.timeout)
+                   timeout or spec.budget.timeout, records=Records.open(storage, spec))
     finally:
         bench.close()
     return f"study {study.study_name}: {finished_count(study)} finished trials"

@@ -246,6 +246,9 @@ class StudySpec(_Strict):
     sampler: SamplerSpec = SamplerSpec()
     budget: BudgetSpec = BudgetSpec()
     storage: str | None = None
+    artifacts: Path | None = Field(
+        None, description="folder of the file-system artifact store (items of each trial, "
+        "for the dashboard); default: beside a SQLite database, else artifacts/ beside the spec")
     engine: EngineSpec = EngineSpec()
     evaluation: EvaluationSpec = EvaluationSpec()
     heartbeat: HeartbeatSpec = HeartbeatSpec()
@@ -412,6 +415,8 @@ def _resolve_paths(spec: StudySpec, base_dir: Path, where: str, lines: dict) -> 
                              for p in spec.merge.warm_start]
     for probe in spec.probes:
         probe.resolve_paths(base_dir)
+    if spec.artifacts is not None:
+        spec.artifacts = (base_dir / spec.artifacts.expanduser()).resolve()
     if spec.storage is None:
         spec.storage = f"sqlite:///{(base_dir / 'study.db').resolve()}"
     elif spec.storage.startswith("sqlite:///") and not spec.storage.startswith("sqlite:////"):

@@ -15,16 +15,22 @@ import math
 import os
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
 
 import optuna
 from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 
+from evaluators.suite import ItemResult
 from mergesearch.errors import SpecError, StorageError
 from merging import MergeRecipe
 from search.spec import SAMPLERS_WITH_CONSTRAINTS, StudySpec, parse_spec
 from search.workbench import Workbench
 from storage import open_storage, study_names
+from storage.artifacts import artifact_store, default_artifact_dir, upload_jsonl
+from storage.records import RecordStore, now
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +178,29 @@ def enqueue_baselines(study: optuna.Study, bench: Workbench) -> None:
             study.enqueue_trial(params, user_attrs={BASELINE_ATTR: name})
 
 
+@dataclass
+class Records:
+    """Where a worker writes what each evaluation did: mergesearch's tables, and the items as
+    an Optuna artifact (of the trial while it runs, of the study for a test split)."""
+
+    store: RecordStore
+    artifacts: optuna.artifacts.FileSystemArtifactStore
+
+    @classmethod
+    def open(cls, storage_url: str, spec: StudySpec) -> Records:
+        folder = spec.artifacts or default_artifact_dir(storage_url, Path.cwd())
+        return cls(RecordStore.open(storage_url), artifact_store(Path(folder)))
+
+    def evaluation(self, study: optuna.Study, number: int, split: str, bench: Workbench,
+                   outcome: str, started: datetime, items: list[ItemResult],
+                   weights_sha256: str | None, attach_to: optuna.Trial | optuna.Study) -> None:
+        self.store.record_evaluation(study.study_name, number, split, bench.engine_name,
+                                     outcome, started, items, weights_sha256)
+        on_study = attach_to is study
+        name = f"trial-{number}-{split}-items.jsonl" if on_study else f"{split}-items.jsonl"
+        upload_jsonl(self.artifacts, name, (i.to_dict() for i in items), attach_to)
+
+
 class TrialFailed(Exception):
     """A trial's merge or evaluation failed; the study records why and goes on."""
 
@@ -179,35 +208,48 @@ class TrialFailed(Exception):
 MAX_CONSECUTIVE_FAILURES = 5
 
 
-def _score(bench: Workbench, trial: optuna.Trial, recipe: MergeRecipe):
+def _score(bench: Workbench, trial: optuna.Trial, recipe: MergeRecipe,
+           records: Records | None):
+    """Score on dev, item by item to the pruner; record the evaluation however it ends."""
     pruning = bench.spec.evaluation.pruning
-    seen = 0
+    items: list[ItemResult] = []
 
-    def report(chunk) -> None:  # each item is a step: the pruner pairs items across trials
-        nonlocal seen
-        for item in chunk:
-            trial.report(bench.item_value(item), seen)
-            seen += 1
-        trial.set_user_attr(ITEMS_ATTR, seen)
+    def on_items(chunk: list[ItemResult]) -> None:
+        items.extend(chunk)
+        trial.set_user_attr(ITEMS_ATTR, len(items))
+        if not pruning.enabled:
+            return
+        for step, item in enumerate(chunk, len(items) - len(chunk)):
+            trial.report(bench.item_value(item), step)  # items pair up across trials
+        seen = len(items)
         if seen >= pruning.min_items and seen < bench.items_per_trial and trial.should_prune():
             raise optuna.TrialPruned(f"pruned after {seen} of {bench.items_per_trial} items")
 
+    started, outcome, digest = now(), "failed", None
     try:
-        return bench.score(recipe, "dev", report if pruning.enabled else None)
+        digest, result = bench.score(recipe, "dev", on_items)
+        outcome = "complete"
+        return digest, result
     except optuna.TrialPruned:
+        outcome = "pruned"
         raise
     except Exception as e:  # out of memory, a recipe the merger refuses, an engine error
         reason = f"{type(e).__name__}: {e}"
         trial.set_user_attr(FAIL_REASON_ATTR, reason[:2000])
         bench.recover()
         raise TrialFailed(reason) from e
+    finally:
+        if records is not None:
+            records.evaluation(trial.study, trial.number, "dev", bench, outcome, started, items,
+                               digest, trial)
 
 
-def make_objective(bench: Workbench) -> Callable[[optuna.Trial], list[float]]:
+def make_objective(bench: Workbench, records: Records | None = None
+                   ) -> Callable[[optuna.Trial], list[float]]:
     def objective(trial: optuna.Trial) -> list[float]:
         recipe = bench.space.suggest(trial)
         trial.set_user_attr("recipe", recipe.to_dict())
-        weights_hash, result = _score(bench, trial, recipe)
+        weights_hash, result = _score(bench, trial, recipe, records)
         for key, value in bench.weights_attrs(weights_hash).items():
             trial.set_user_attr(key, value)
         trial.set_user_attr("dev_probes", result.probes)
@@ -270,7 +312,8 @@ def finished_count(study: optuna.Study) -> int:
 
 
 def run_trials(study: optuna.Study, bench: Workbench, n_trials: int | None,
-               timeout: float | None, progress: bool = True) -> None:
+               timeout: float | None, progress: bool = True,
+               records: Records | None = None) -> None:
     """Run trials until the study holds `n_trials` finished ones or `timeout` seconds pass."""
     callbacks = []
     if n_trials is not None:
@@ -281,7 +324,7 @@ def run_trials(study: optuna.Study, bench: Workbench, n_trials: int | None,
     callbacks.append(_StopAfterFailures(MAX_CONSECUTIVE_FAILURES))
     # No trial count here: failed trials do not count towards the budget, the callback stops
     # at `n_trials` finished ones (of all workers), and repeated failures stop the worker.
-    study.optimize(make_objective(bench), timeout=timeout,
+    study.optimize(make_objective(bench, records), timeout=timeout,
                    callbacks=callbacks, show_progress_bar=progress and timeout is not None,
                    catch=(TrialFailed,))
 
@@ -315,7 +358,8 @@ def test_results(study: optuna.Study) -> dict[int, dict]:
             for key, value in study.user_attrs.items() if key.startswith(TEST_ATTR_PREFIX)}
 
 
-def evaluate_on_test(study: optuna.Study, bench: Workbench, numbers: list[int]) -> None:
+def evaluate_on_test(study: optuna.Study, bench: Workbench, numbers: list[int],
+                     records: Records | None = None) -> None:
     """Score trials on the test split (once each), proving the weights are the scored ones.
 
     Results are study attributes `test:<trial number>`: a finished trial is immutable.
@@ -327,10 +371,14 @@ def evaluate_on_test(study: optuna.Study, bench: Workbench, numbers: list[int]) 
             continue
         trial = trials[number]
         recipe = recipe_of(trial)
+        started = now()
         weights_hash, result = bench.score(recipe, "test")
         unverified = verify_weights(trial, weights_hash, bench.weights_attrs(weights_hash))
         if unverified:
             log.warning("trial %d: test-split weights not verified: %s", number, unverified)
+        if records is not None:
+            records.evaluation(study, number, "test", bench, "complete", started, result.items,
+                               weights_hash, study)
         study.set_user_attr(f"{TEST_ATTR_PREFIX}{number}",
                             {"objectives": result.objectives, "probes": result.probes})
         log.info("trial %d test %s", number, json.dumps(result.objectives))

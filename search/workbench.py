@@ -74,6 +74,12 @@ class Workbench:
         )
         return cls(spec, parents, materializer, suite, space, engine, warm_starts)
 
+    @property
+    def engine_name(self) -> str:
+        """What scored, as the evaluations table records it: `hf:cpu:float32`."""
+        dtype = str(self.engine.dtype).removeprefix("torch.")
+        return f"{self.spec.engine.kind}:{torch.device(self.engine.device)}:{dtype}"
+
     def weights_attrs(self, digest: str) -> dict[str, str]:
         """What a trial records about its merged weights, so that an export can prove it
         rebuilt the same bytes (bytes can be compared only when merged on the same kind of

@@ -41,11 +41,8 @@ def _shown(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def open_storage(url: str, create: bool = True, heartbeat: Any = None
-                 ) -> optuna.storages.RDBStorage:
-    """Optuna's RDB storage at `url`. With `create=False` a SQLite file must already exist.
-    With `heartbeat` (interval, grace, retries), running trials beat, and trials of dead
-    workers are failed and retried by the live ones."""
+def _prepared(url: str, create: bool) -> tuple[str, dict]:
+    """The driver-qualified URL (its SQLite folder made) and the engine's arguments."""
     url = normalize_url(url)
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
@@ -53,7 +50,29 @@ def open_storage(url: str, create: bool = True, heartbeat: Any = None
         if not create and not path.is_file():
             raise StorageError(f"no study database at {path} (storage {_shown(url)})")
         path.parent.mkdir(parents=True, exist_ok=True)
-    engine_kwargs = {"pool_pre_ping": True} if parsed.get_backend_name() != "sqlite" else {}
+    return url, {"pool_pre_ping": True} if parsed.get_backend_name() != "sqlite" else {}
+
+
+def _unreachable(url: str, error: Exception) -> StorageError:
+    reason = str(getattr(error, "orig", None) or error).strip().splitlines()[0]
+    return StorageError(f"cannot open storage {_shown(url)}: {reason}")
+
+
+def engine_for(url: str, create: bool = True) -> sqlalchemy.Engine:
+    """A SQLAlchemy engine on the study database, as `open_storage` would connect."""
+    url, engine_kwargs = _prepared(url, create)
+    try:
+        return sqlalchemy.create_engine(url, **engine_kwargs)
+    except (SQLAlchemyError, ImportError) as e:
+        raise _unreachable(url, e) from None
+
+
+def open_storage(url: str, create: bool = True, heartbeat: Any = None
+                 ) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage at `url`. With `create=False` a SQLite file must already exist.
+    With `heartbeat` (interval, grace, retries), running trials beat, and trials of dead
+    workers are failed and retried by the live ones."""
+    url, engine_kwargs = _prepared(url, create)
     try:
         with warnings.catch_warnings():  # heartbeats are experimental in Optuna
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -64,8 +83,7 @@ def open_storage(url: str, create: bool = True, heartbeat: Any = None
                     max_retry=heartbeat.retries)}
             return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **beats)
     except (SQLAlchemyError, OSError, ImportError) as e:
-        reason = str(getattr(e, "orig", None) or e).strip().splitlines()[0]
-        raise StorageError(f"cannot open storage {_shown(url)}: {reason}") from None
+        raise _unreachable(url, e) from None
 
 
 def study_names(storage: optuna.storages.BaseStorage) -> list[str]:

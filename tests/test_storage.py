@@ -180,3 +180,45 @@ def test_passwords_in_storage_urls_never_reach_output(cli, write_spec, caplog):
         storage = open_storage(url)
         if name in [s.study_name for s in storage.get_all_studies()]:
             optuna.delete_study(study_name=name, storage=storage)
+
+
+def test_records_migrate_and_an_evaluation_is_written_whole_or_not_at_all(any_storage):
+    from storage.records import ItemRow, RecordStore, current_revision, now
+
+    url, name = any_storage
+    store = RecordStore.open(url)
+    assert current_revision(store.engine) == "0001"
+    items = [ItemRow("radiology", "r1", "No acute findings. – ok", {"rougeL": 0.5}, 0.25),
+             ItemRow("ifeval", "i1", "", {"strict": float("nan")}, 0.5)]
+    store.record_evaluation(name, 3, "dev", "hf:cpu:float32", "complete", now(), items, "ab" * 32)
+    # the last item repeats an id: the database refuses it, and nothing of the evaluation stays
+    with pytest.raises(sqlalchemy.exc.IntegrityError):
+        store.record_evaluation(name, 4, "dev", "hf:cpu:float32", "complete", now(),
+                                items + items[:1])
+    (evaluation,) = store.evaluations(name)
+    assert (evaluation.trial, evaluation.split, evaluation.outcome) == (3, "dev", "complete")
+    assert evaluation.started <= evaluation.finished
+    assert [(i.item_id, i.output, i.scores, i.latency_s) for i in evaluation.items] == [
+        ("r1", "No acute findings. – ok", {"rougeL": 0.5}, 0.25), ("i1", "", {"strict": None}, 0.5)]
+    with store.engine.connect() as connection:
+        orphans = connection.execute(sqlalchemy.text(
+            "SELECT COUNT(*) FROM mergesearch_item_results r LEFT JOIN mergesearch_evaluations "
+            "e ON r.evaluation_id = e.id WHERE e.id IS NULL")).scalar()
+    assert orphans == 0
+    store.record_export(name, 3, "/tmp/out", "ab" * 32, "yes")
+    assert [(e.trial, e.verified) for e in store.exports(name)] == [(3, "yes")]
+    RecordStore.open(url)  # opening again is a no-op at the current version
+
+
+def test_record_schema_downgrades_and_upgrades(tmp_path):
+    from storage.records import RecordStore, current_revision, downgrade, upgrade
+
+    store = RecordStore.open(f"sqlite:///{tmp_path / 'study.db'}")
+    downgrade(store.engine, "base")
+    assert current_revision(store.engine) is None
+    assert not [t for t in sqlalchemy.inspect(store.engine).get_table_names()
+                if t.startswith("mergesearch_") and t != "mergesearch_alembic_version"]
+    upgrade(store.engine)
+    assert current_revision(store.engine) == "0001"
+    assert {"mergesearch_evaluations", "mergesearch_item_results", "mergesearch_exports"} <= set(
+        sqlalchemy.inspect(store.engine).get_table_names())

@@ -490,3 +490,35 @@ def test_evaluate_scores_chosen_trials_of_a_study_on_test(cli, write_spec, tmp_p
         split = () if needle == "use --split test" else ("--split", "test")
         code, _, err = cli("evaluate", "--storage", storage, *split, *args)
         assert code == 2 and needle in err, err
+
+
+def test_every_evaluation_is_recorded_with_its_items_and_attached_for_the_dashboard(
+        launched, tmp_path):
+    from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta
+
+    from storage import open_storage
+    from storage.records import RecordStore
+
+    storage = open_storage(launched)
+    study = optuna.load_study(study_name="tiny", storage=storage)
+    records = RecordStore.open(launched)
+    store = FileSystemArtifactStore(str(tmp_path / "study.artifacts"))
+    dev = records.evaluations("tiny", split="dev")
+    assert sorted(e.trial for e in dev) == [t.number for t in study.trials]
+    for evaluation in dev:
+        trial = study.trials[evaluation.trial]
+        assert evaluation.outcome == "complete" and evaluation.engine == "hf:cpu:float32"
+        assert evaluation.weights_sha256 == trial.user_attrs["weights_sha256"]
+        assert len(evaluation.items) == trial.user_attrs["items_evaluated"] > 0
+        (meta,) = get_all_artifact_meta(trial, storage=storage)
+        assert meta.filename == "dev-items.jsonl"
+        download_artifact(artifact_store=store, artifact_id=meta.artifact_id,
+                          file_path=str(tmp_path / f"{trial.number}.jsonl"))
+        lines = [json.loads(x) for x in (tmp_path / f"{trial.number}.jsonl").read_text()
+                 .splitlines()]
+        assert [(x["probe"], x["item_id"], x["output"]) for x in lines] == [
+            (i.probe, i.item_id, i.output) for i in evaluation.items]
+    tested = {e.trial for e in records.evaluations("tiny", split="test")}
+    assert tested == {int(k.split(":")[1]) for k in study.user_attrs if k.startswith("test:")}
+    names = {m.filename for m in get_all_artifact_meta(study)}
+    assert names == {f"trial-{n}-test-items.jsonl" for n in tested}
