@@ -69,6 +69,7 @@ def _quiet_libraries() -> None:
     transformers.logging.set_verbosity_error()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("absl").setLevel(logging.WARNING)  # rouge-score's chatter
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # each schema check
     transformers.utils.logging.disable_progress_bar()
     for handler in [*optuna.logging.get_logger("optuna").handlers, *logging.getLogger().handlers]:
         handler.addFilter(_no_traceback_for_ctrl_c)
@@ -213,10 +214,12 @@ def export(
     """Write a trial's merged model as a Hugging Face folder."""
     from search.export import export_trial
     from search.study import load_study
+    from storage.records import RecordStore
 
     if trial != "best" and not trial.isdigit():
         raise MergesearchError(f"--trial {trial!r}: give a trial number or best")
-    record = export_trial(load_study(storage, study), trial, out_dir, force, device)
+    record = export_trial(load_study(storage, study), trial, out_dir, force, device,
+                          RecordStore.open(storage))
     typer.echo(f"exported trial {record['trial']} to {out_dir} "
                f"(weights sha256 {record['weights_sha256'][:16]}…)")
     if record["weights_verified"] is not True:
@@ -248,16 +251,23 @@ def dashboard(
     host: Annotated[str, typer.Option(help="address to bind; 127.0.0.1 keeps it local")] = (
         "127.0.0.1"
     ),
+    artifacts: Annotated[Path | None, typer.Option(
+        help="artifact folder (trials' item outputs); default: the one the studies' specs "
+             "name")] = None,
 ) -> None:
     """Serve optuna-dashboard for the storage (local only unless --host says otherwise)."""
     from optuna_dashboard import run_server
 
+    from search.study import artifact_folder
     from storage import open_storage
+    from storage.artifacts import artifact_store
 
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"warning: serving on {host}: anyone who can reach it sees the study", err=True)
-    typer.echo(f"dashboard on http://{host}:{port}/ (Ctrl-C stops it)")
-    run_server(open_storage(storage, create=False), host=host, port=port)
+    opened = open_storage(storage, create=False)
+    folder = artifacts or artifact_folder(opened, storage)
+    typer.echo(f"dashboard on http://{host}:{port}/ (Ctrl-C stops it; artifacts in {folder})")
+    run_server(opened, host=host, port=port, artifact_store=artifact_store(folder))
 
 
 @app.command()

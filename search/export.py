@@ -29,6 +29,7 @@ from merging.materializer import WeightsHash
 from merging.mergekit_config import to_mergekit_config
 from search.report import select_trial
 from search.study import dev_objectives, recipe_of, stored_spec, test_results, verify_weights
+from storage.records import RecordStore
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 _SKIP = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "README.md"}
@@ -127,11 +128,12 @@ def write_model_folder(
 
 
 def export_trial(study: optuna.Study, which: str | int, out_dir: Path, force: bool = False,
-                 device: str = "auto") -> dict:
+                 device: str = "auto", records: RecordStore | None = None) -> dict:
     """Write trial `which` (a number or `best`) to `out_dir`; return its provenance record.
 
     The merge is rebuilt on `device`; `auto` is the kind of device the trial was merged on
-    when this machine has one (only then can its bytes be proven the same), else the CPU."""
+    when this machine has one (only then can its bytes be proven the same), else the CPU.
+    `records` gets a row for the export once the folder is complete."""
     spec = stored_spec(study)
     trial = select_trial(study, which)
     recipe = recipe_of(trial)
@@ -176,6 +178,10 @@ def export_trial(study: optuna.Study, which: str | int, out_dir: Path, force: bo
     tensors = Materializer(parents).tensors(recipe, dtype, digest, device=device)
     write_model_folder(out_dir, tensors, spec.source_parent.path, dtype, files, force, check,
                        inputs=paths.values())
+    if records is not None:
+        verified = record["weights_verified"]
+        records.record_export(study.study_name, trial.number, Path(out_dir).resolve(),
+                              record["weights_sha256"], "yes" if verified is True else verified)
     return record
 
 

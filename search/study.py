@@ -115,6 +115,18 @@ def stored_spec(study: optuna.Study) -> StudySpec:
     return _spec_from_attrs(study.user_attrs, study.study_name)
 
 
+def artifact_folder(storage: optuna.storages.BaseStorage, url: str) -> Path:
+    """The artifact folder the storage's studies name in their specs (the default for the
+    URL when none does)."""
+    folders = sorted({str(s.user_attrs[SPEC_ATTR]["artifacts"])
+                      for s in storage.get_all_studies()
+                      if (s.user_attrs.get(SPEC_ATTR) or {}).get("artifacts")})
+    if len(folders) > 1:
+        log.warning("studies keep artifacts in %s; showing %s (choose with --artifacts)",
+                    ", ".join(folders), folders[0])
+    return Path(folders[0]) if folders else default_artifact_dir(url, Path.cwd())
+
+
 def load_study(storage_url: str, name: str | None, as_worker: bool = False) -> optuna.Study:
     """The named (or only) study. `as_worker` gives it the stored spec's sampler, seeded
     apart from the launcher's, for running trials."""
@@ -193,9 +205,10 @@ class Records:
 
     def evaluation(self, study: optuna.Study, number: int, split: str, bench: Workbench,
                    outcome: str, started: datetime, items: list[ItemResult],
-                   weights_sha256: str | None, attach_to: optuna.Trial | optuna.Study) -> None:
+                   weights_sha256: str | None, attach_to: optuna.Trial | optuna.Study,
+                   error: str | None = None) -> None:
         self.store.record_evaluation(study.study_name, number, split, bench.engine_name,
-                                     outcome, started, items, weights_sha256)
+                                     outcome, started, items, weights_sha256, error)
         on_study = attach_to is study
         name = f"trial-{number}-{split}-items.jsonl" if on_study else f"{split}-items.jsonl"
         upload_jsonl(self.artifacts, name, (i.to_dict() for i in items), attach_to)
@@ -225,7 +238,7 @@ def _score(bench: Workbench, trial: optuna.Trial, recipe: MergeRecipe,
         if seen >= pruning.min_items and seen < bench.items_per_trial and trial.should_prune():
             raise optuna.TrialPruned(f"pruned after {seen} of {bench.items_per_trial} items")
 
-    started, outcome, digest = now(), "failed", None
+    started, outcome, digest, error = now(), "failed", None, None
     try:
         digest, result = bench.score(recipe, "dev", on_items)
         outcome = "complete"
@@ -234,14 +247,14 @@ def _score(bench: Workbench, trial: optuna.Trial, recipe: MergeRecipe,
         outcome = "pruned"
         raise
     except Exception as e:  # out of memory, a recipe the merger refuses, an engine error
-        reason = f"{type(e).__name__}: {e}"
-        trial.set_user_attr(FAIL_REASON_ATTR, reason[:2000])
+        error = f"{type(e).__name__}: {e}"
+        trial.set_user_attr(FAIL_REASON_ATTR, error[:2000])
         bench.recover()
-        raise TrialFailed(reason) from e
+        raise TrialFailed(error) from e
     finally:
         if records is not None:
             records.evaluation(trial.study, trial.number, "dev", bench, outcome, started, items,
-                               digest, trial)
+                               digest, trial, error)
 
 
 def make_objective(bench: Workbench, records: Records | None = None

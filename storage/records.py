@@ -44,6 +44,7 @@ class Evaluation(Base):
     engine: Mapped[str] = mapped_column(sa.String(256))
     outcome: Mapped[str] = mapped_column(sa.String(16))  # complete, pruned or failed
     weights_sha256: Mapped[str | None] = mapped_column(sa.String(64))
+    error: Mapped[str | None] = mapped_column(sa.Text)  # why a failed evaluation failed
     started: Mapped[datetime]
     finished: Mapped[datetime]
     items: Mapped[list[ItemRecord]] = relationship(
@@ -112,11 +113,11 @@ class RecordStore:
 
     def record_evaluation(self, study: str, trial: int, split: str, engine: str, outcome: str,
                           started: datetime, items: list[Any],
-                          weights_sha256: str | None = None) -> int:
+                          weights_sha256: str | None = None, error: str | None = None) -> int:
         """One evaluation with all its items, in one transaction; returns its id."""
         evaluation = Evaluation(
             study=study, trial=trial, split=split, engine=engine, outcome=outcome,
-            weights_sha256=weights_sha256, started=started, finished=now(),
+            weights_sha256=weights_sha256, error=error, started=started, finished=now(),
             items=[ItemRecord(probe=i.probe, item_id=i.item_id, output=i.output,
                               scores={k: _json_number(v) for k, v in i.scores.items()},
                               latency_s=i.seconds) for i in items])

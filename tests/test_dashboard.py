@@ -24,6 +24,13 @@ def test_dashboard_serves_the_study_on_localhost(tmp_path):
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(["clinical", "instruction"])
     study.add_trial(optuna.trial.create_trial(values=[0.5, 0.25]))
+    # a trial with its items attached, in the default artifact folder beside the database
+    from storage.artifacts import artifact_store, upload_jsonl
+
+    trial = study.ask()
+    artifact = upload_jsonl(artifact_store(tmp_path / "study.artifacts"), "dev-items.jsonl",
+                            [{"item_id": "r1", "output": "No acute findings."}], trial)
+    study.tell(trial, [0.75, 0.5])
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-c", "from search.cli import main; main()", "dashboard", "--storage",
@@ -44,7 +51,12 @@ def test_dashboard_serves_the_study_on_localhost(tmp_path):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study_id}") as r:
             detail = json.load(r)
         assert detail["objective_names"] == ["clinical", "instruction"]
-        assert len(detail["trials"]) == 1
+        assert len(detail["trials"]) == 2
+        trial_id = detail["trials"][1]["trial_id"]
+        with urllib.request.urlopen(
+                f"http://127.0.0.1:{port}/artifacts/{study_id}/{trial_id}/{artifact}") as r:
+            assert json.loads(r.read().decode()) == {"item_id": "r1",
+                                                     "output": "No acute findings."}
     finally:
         server.terminate()
         server.wait(timeout=10)

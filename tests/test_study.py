@@ -84,6 +84,11 @@ def test_export_best_loads_and_generates(cli, launched, tmp_path):
     assert record["weights_verified"] is True and record["weights_device"] == "cpu"
     assert record["trial"] == json.loads(cli("report", "--storage", launched, "--json")[1])[
         "selected"]
+    from storage.records import RecordStore
+
+    (row,) = RecordStore.open(launched).exports("tiny")
+    assert (row.trial, row.path, row.weights_sha256, row.verified) == (
+        record["trial"], str(out_dir.resolve()), record["weights_sha256"], "yes")
 
 
 def test_export_refuses_what_it_cannot_do_cleanly(cli, launched, tmp_path):
@@ -424,6 +429,12 @@ def test_a_failing_trial_is_recorded_with_its_reason_and_the_study_goes_on(
     report = json.loads(out)
     assert report["trials"]["complete"] == 6 and report["trials"]["fail"] >= 1
     assert all("epsilon = 0.2 with density" in f["reason"] for f in report["failures"])
+    from storage.records import RecordStore
+
+    failed = [e for e in RecordStore.open(f"sqlite:///{tmp_path / 'study.db'}")
+              .evaluations("tiny") if e.outcome == "failed"]
+    assert len(failed) == report["trials"]["fail"]
+    assert all("epsilon = 0.2 with density" in e.error and not e.items for e in failed)
 
 
 def test_wilcoxon_pruning_stops_worse_trials_between_chunks(cli, write_spec, tmp_path):
@@ -463,6 +474,14 @@ def test_wilcoxon_pruning_stops_worse_trials_between_chunks(cli, write_spec, tmp
     assert savings["items_saved"] == sum(48 - t.user_attrs["items_evaluated"] for t in pruned)
     # never pruned: the best trial is complete and better than every pruned trial's items
     assert study.best_trial.state == optuna.trial.TrialState.COMPLETE
+    from storage.records import RecordStore
+
+    recorded = {e.trial: e for e in RecordStore.open(f"sqlite:///{tmp_path / 'study.db'}")
+                .evaluations("tiny")}
+    for t in pruned + complete:
+        outcome = "pruned" if t in pruned else "complete"
+        assert recorded[t.number].outcome == outcome
+        assert len(recorded[t.number].items) == t.user_attrs["items_evaluated"]
 
 
 def test_pruning_needs_one_objective(cli, write_spec, tmp_path):

@@ -23,6 +23,7 @@ def upgrade() -> None:
         sa.Column("engine", sa.String(256), nullable=False),
         sa.Column("outcome", sa.String(16), nullable=False),
         sa.Column("weights_sha256", sa.String(64), nullable=True),
+        sa.Column("error", sa.Text, nullable=True),
         sa.Column("started", sa.DateTime, nullable=False),
         sa.Column("finished", sa.DateTime, nullable=False),
     )
