@@ -6,8 +6,11 @@ Each worker is its own OS process (multiprocessing, spawn) that joins the study 
 TPE multivariate with constant liar, seeded by `worker_seed`; `open_storage` with the spec's
 heartbeat), then `run_trials`, which runs the project's own objective (`make_objective`:
 `SearchSpace.suggest`, the recipe, weights and objective user attributes, `tell`), with
-`MaxTrialsCallback` and the stop-after-failures callback. The study is created and its
-baselines enqueued as `mergesearch launch` does (`create_or_resume`, `enqueue_baselines`).
+`MaxTrialsCallback` and the stop-after-failures callback, and (where this checkout has them)
+the evaluation records a worker writes: a row per evaluation with its items in mergesearch's
+tables, and the items as an Optuna artifact of the trial. The study is created and its
+baselines enqueued as `mergesearch launch` does (`create_or_resume`, `enqueue_baselines`),
+by default in a fresh database on --url's server, dropped at the end.
 
 Only the merge and the scoring are replaced: the workbench's `score` is `time.sleep(T)`,
 standing in for merge + evaluation on a GPU, so the trial cost is the same with 1 and with 4
@@ -18,13 +21,14 @@ function of the parameters (as in bench/orchestration.py), so TPE has something 
 Workers wait on a common start, run for --duration seconds each (Optuna's timeout: a worker
 starts no trial after it, and finishes the one in flight), then the study is checked: every
 trial number unique, no trial handed to two workers, the finished count equal to the sum of
-the workers' own counts, nothing left RUNNING or WAITING, each baseline run once. The studies
-made here are deleted at the end.
+the workers' own counts, nothing left RUNNING or WAITING, each baseline run once, one recorded
+evaluation with all its items per finished trial. The studies made here are deleted at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -34,6 +38,7 @@ import platform
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 import traceback
 import uuid
@@ -46,7 +51,8 @@ DEFAULT_URL = os.environ.get("MERGESEARCH_TEST_POSTGRESQL",
                              "postgresql://postgres@127.0.0.1:5432/test")
 SPEC_PATH = REPO / "search/demo/assets/spec.yaml"
 PARTS = {"ask": "ask (sampler)", "suggest": "suggest (params)", "attrs": "user attrs",
-         "tell": "tell", "budget": "budget callback", "stale": "stale-trial check"}
+         "records": "records + items artifact", "tell": "tell", "budget": "budget callback",
+         "stale": "stale-trial check"}
 BUDGET_UNLIMITED = 10**9  # duration mode: MaxTrialsCallback is on (as in a real run), never hit
 
 
@@ -70,35 +76,55 @@ class _RecordingSpace:
 
 class FixedCostBench:
     """What `make_objective` and `run_trials` use of a `Workbench`, with a merge + scoring of
-    fixed cost: `time.sleep(seconds)`."""
+    fixed cost: `time.sleep(seconds)` in all, spread over the suite's dev chunks, each chunk's items
+    (the demo probes' dev items, with a made-up output and score) passed to `on_items` as
+    the real suite does."""
 
     def __init__(self, spec, seconds: float):
         from merging import Parents
         from search.space import SearchSpace
+        from search.workbench import build_suite
 
         self.spec, self.seconds = spec, seconds
         layout = Parents({p.name: p.path for p in spec.parents}, "mmap").layout
         self.space = _RecordingSpace(SearchSpace(spec, layout), self)
         self.warm_starts: dict[str, dict[str, float]] = {}
         self.last_params: list[float] = []
-        self.sleeps: list[tuple[float, float]] = []  # perf_counter at start and end
+        suite = build_suite(spec)  # reads the probes' files only
+        size = spec.evaluation.chunk_size
+        self.chunks = [(name, probe.items("dev")[i : i + size])
+                       for name, probe in suite.probes.items()
+                       for i in range(0, len(probe.items("dev")), size)]
+        self.metric = {name: probe.default_metric for name, probe in suite.probes.items()}
+        self.items_per_trial = sum(len(chunk) for _, chunk in self.chunks)
+        self.engine_name = "sleep:cuda:float32"
+        self.calls: list[tuple[float, float, float]] = []  # perf_counter in, out; slept
 
     def score(self, recipe, split, on_items=None):
-        from evaluators.suite import SuiteResult
+        from evaluators.suite import ItemResult, SuiteResult
 
-        began = time.perf_counter()
-        time.sleep(self.seconds)
-        self.sleeps.append((began, time.perf_counter()))
+        began, slept = time.perf_counter(), 0.0
         x = self.last_params or [0.5]
         values = [sum(math.sin(3 * v + i) for i, v in enumerate(x)) / len(x),
                   sum(math.cos(2 * v - i) for i, v in enumerate(x)) / len(x)]
         names = [o.name for o in self.spec.objectives]
         objectives = dict(zip(names, values, strict=True))
-        probes = {p: {o.metric or "score": objectives[o.name] for o in self.spec.objectives
-                      if p in o.probes} for p in {p for o in self.spec.objectives
-                                                  for p in o.probes}}
+        by_probe = {p: objectives[o.name] for o in self.spec.objectives for p in o.probes}
+        items = []
+        for probe, chunk in self.chunks:
+            before = time.perf_counter()
+            time.sleep(self.seconds / len(self.chunks))
+            slept += time.perf_counter() - before
+            results = [ItemResult(probe, item.id, split, item.prompt, "generated output " * 12,
+                                  {self.metric[probe]: by_probe[probe]},
+                                  self.seconds / self.items_per_trial) for item in chunk]
+            items.extend(results)
+            if on_items is not None:
+                on_items(results)
+        probes = {p: {self.metric[p]: v} for p, v in by_probe.items()}
         digest = hashlib.sha256(json.dumps(recipe.to_dict(), sort_keys=True).encode()).hexdigest()
-        return digest, SuiteResult(items=[], probes=probes, objectives=objectives)
+        self.calls.append((began, time.perf_counter(), slept))
+        return digest, SuiteResult(items=items, probes=probes, objectives=objectives)
 
     def weights_attrs(self, digest: str) -> dict[str, str]:
         from merging.materializer import WeightsHash
@@ -120,7 +146,7 @@ class FixedCostBench:
 
 
 def worker_main(url: str, study_name: str, seconds: float, duration: float | None,
-                n_trials: int | None, ready, go, start_at, results) -> None:
+                n_trials: int | None, records: bool, ready, go, start_at, results) -> None:
     """A worker process: join the study, wait for the common start, run trials, report."""
     try:
         import optuna
@@ -154,20 +180,27 @@ def worker_main(url: str, study_name: str, seconds: float, duration: float | Non
         optuna.trial.Trial.set_user_attr = timed("attrs", optuna.trial.Trial.set_user_attr)
         MaxTrialsCallback.__call__ = timed("budget", MaxTrialsCallback.__call__)
         bench.space.suggest = timed("suggest", bench.space.suggest)
+        extra = {}
+        if records:
+            import search.study as study_module
+
+            extra["records"] = study_module.Records.open(url, bench.spec)
+            study_module.Records.evaluation = timed("records", study_module.Records.evaluation)
         ready.put(os.getpid())
         go.wait()
         while time.time() < start_at.value:
             time.sleep(0.001)
         began, cpu0 = time.perf_counter(), time.process_time()
         run_trials(study, bench, n_trials if n_trials is not None else BUDGET_UNLIMITED,
-                   duration, progress=False)
+                   duration, progress=False, **extra)
         ended, cpu = time.perf_counter(), time.process_time() - cpu0
-        sleeps = bench.sleeps
-        gaps = [sleeps[i + 1][0] - sleeps[i][1] for i in range(len(sleeps) - 1)]
+        calls = bench.calls  # between trials: from one trial's last sleep to the next's first
+        gaps = [calls[i + 1][0] - calls[i][1] + (calls[i][1] - calls[i][0] - calls[i][2])
+                for i in range(len(calls) - 1)]
         results.put({"pid": os.getpid(), "seed": worker_seed(bench.spec.seed),
-                     "trial_ids": trial_ids, "scored": len(sleeps), "timings": timings,
+                     "trial_ids": trial_ids, "scored": len(calls), "timings": timings,
                      "gaps": gaps,
-                     "slept": sum(b - a for a, b in sleeps), "wall": ended - began,
+                     "slept": sum(c[2] for c in calls), "wall": ended - began,
                      "cpu": cpu, "end_wall": time.time(), "error": None})
     except BaseException:  # noqa: BLE001 - reported to the parent, which fails the run
         results.put({"pid": os.getpid(), "error": traceback.format_exc()})
@@ -177,7 +210,9 @@ def worker_main(url: str, study_name: str, seconds: float, duration: float | Non
 
 
 def run_once(url: str, workers: int, seconds: float, duration: float | None,
-             n_trials: int | None) -> dict:
+             n_trials: int | None, artifacts: Path | None) -> dict:
+    """One study run by `workers` processes; `artifacts`: record each evaluation (the
+    project's tables and an items artifact, as `mergesearch worker` does), or None."""
     import optuna
     from optuna.trial import TrialState
 
@@ -186,8 +221,15 @@ def run_once(url: str, workers: int, seconds: float, duration: float | None,
     from storage import open_storage
 
     spec = load_spec(SPEC_PATH)
+    if artifacts is not None:
+        spec.artifacts = artifacts
     name = f"bench-workers-{workers}w-{uuid.uuid4().hex[:8]}"
     study = create_or_resume(spec, url, name)
+    records = None
+    if artifacts is not None:  # as `launch` does: the tables exist before workers join
+        from search.study import Records
+
+        records = Records.open(url, spec)
     bench = FixedCostBench(spec, seconds)
     enqueue_baselines(study, bench)
     n_baselines = len(bench.space.baselines())
@@ -195,7 +237,8 @@ def run_once(url: str, workers: int, seconds: float, duration: float | None,
     ready, results, go = ctx.Queue(), ctx.Queue(), ctx.Event()
     start_at = ctx.Value("d", 0.0)
     procs = [ctx.Process(target=worker_main, args=(url, name, seconds, duration, n_trials,
-                                                    ready, go, start_at, results))
+                                                    records is not None, ready, go, start_at,
+                                                    results))
              for _ in range(workers)]
     try:
         for p in procs:
@@ -241,6 +284,16 @@ def run_once(url: str, workers: int, seconds: float, duration: float | None,
                                      for t in finished),
             "recipe attr on all": all("recipe" in t.user_attrs for t in finished),
         }
+        if records is not None:
+            evaluations = records.store.evaluations(name, split="dev")
+            checks["one dev evaluation per trial"] = (
+                sorted(e.trial for e in evaluations if e.outcome == "complete")
+                == sorted(t.number for t in finished)
+                and all(e.outcome == "complete" for e in evaluations))
+            checks["all items recorded"] = all(len(e.items) == bench.items_per_trial
+                                               for e in evaluations)
+            checks["items artifact on all"] = all(
+                any(k.startswith("artifacts:") for k in t.system_attrs) for t in finished)
         duplicate_params = len(params) - len(set(params))
         storage.engine.dispose()
     finally:
@@ -249,7 +302,18 @@ def run_once(url: str, workers: int, seconds: float, duration: float | None,
                 p.terminate()
                 p.join(5)
         try:
-            optuna.delete_study(study_name=name, storage=open_storage(url))
+            cleanup = open_storage(url)
+            optuna.delete_study(study_name=name, storage=cleanup)
+            cleanup.engine.dispose()
+            if records is not None:  # its items go with it (ON DELETE CASCADE)
+                import sqlalchemy
+
+                from storage.records import Evaluation
+
+                with records.store.engine.begin() as connection:
+                    connection.execute(sqlalchemy.delete(Evaluation).where(
+                        Evaluation.study == name))
+                records.store.engine.dispose()
         except Exception as e:  # noqa: BLE001
             print(f"warning: could not delete study {name}: {e}", file=sys.stderr)
     return {"workers": workers, "study": name, "reports": reports, "wall": wall,
@@ -283,6 +347,36 @@ def server_version(url: str) -> str:
         engine.dispose()
 
 
+@contextlib.contextmanager
+def fresh_database(url: str):
+    """A new, empty database on `url`'s server (its URL), dropped afterwards."""
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    from storage import normalize_url
+
+    parsed = make_url(normalize_url(url))
+    name = f"mergesearch_bench_{uuid.uuid4().hex[:10]}"
+    admin = sqlalchemy.create_engine(parsed, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield parsed.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def records_available() -> bool:
+    import inspect
+
+    import search.study
+
+    return (hasattr(search.study, "Records")
+            and "records" in inspect.signature(search.study.run_trials).parameters)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--workers", default="1,4", help="comma-separated worker counts")
@@ -294,6 +388,13 @@ def main() -> None:
                         help="instead of --duration: run until the study holds this many "
                              "finished trials (the study's budget, MaxTrialsCallback)")
     parser.add_argument("--url", default=DEFAULT_URL, help="storage URL (PostgreSQL)")
+    parser.add_argument("--fresh-db", action=argparse.BooleanOptionalAction, default=True,
+                        help="run in a new database on --url's server, dropped at the end "
+                             "(default); --no-fresh-db: in --url's database itself")
+    parser.add_argument("--records", choices=("auto", "on", "off"), default="auto",
+                        help="record each evaluation (mergesearch's tables and an items "
+                             "artifact) as `mergesearch worker` does; auto: when this "
+                             "checkout has them")
     args = parser.parse_args()
     counts = [int(n) for n in args.workers.split(",")]
     duration = None if args.trials is not None else args.duration
@@ -315,14 +416,22 @@ def main() -> None:
           f"trial cost {args.trial_seconds:g} s (sleep); "
           + (f"{args.duration:g} s per run" if duration else f"{args.trials} trials per run"),
           flush=True)
+    records = args.records == "on" or (args.records == "auto" and records_available())
+    print(f"# records: {'each evaluation recorded (tables + items artifact)' if records else 'off'}"
+          f"; database: {'a fresh one, dropped at the end' if args.fresh_db else 'as given'}",
+          flush=True)
     runs = []
-    for n in counts:
-        print(f"# running {n} worker(s) ...", flush=True)
-        result = run_once(args.url, n, args.trial_seconds, duration, args.trials)
-        runs.append(result)
-        print(f"#   {result['finished']} finished in {result['wall']:.1f} s, states "
-              f"{ {k: v for k, v in result['by_state'].items() if v} }, load average "
-              f"{result['load'][0]:.2f} -> {result['load'][1]:.2f}", flush=True)
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(fresh_database(args.url)) if args.fresh_db else args.url
+        artifacts = (Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-art-")))
+                     if records else None)
+        for n in counts:
+            print(f"# running {n} worker(s) ...", flush=True)
+            result = run_once(url, n, args.trial_seconds, duration, args.trials, artifacts)
+            runs.append(result)
+            print(f"#   {result['finished']} finished in {result['wall']:.1f} s, states "
+                  f"{ {k: v for k, v in result['by_state'].items() if v} }, load average "
+                  f"{result['load'][0]:.2f} -> {result['load'][1]:.2f}", flush=True)
 
     base = next((r for r in runs if r["workers"] == 1), None)
     base_rate = base["finished"] / base["wall"] * 3600 if base else None

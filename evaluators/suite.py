@@ -52,17 +52,24 @@ class Suite:
     def chunks(
         self, engine: Engine, split: str, chunk_size: int = 64
     ) -> Iterator[list[ItemResult]]:
-        for name, probe in self.probes.items():
-            items = probe.items(split)
-            for start in range(0, len(items), chunk_size):
-                chunk = items[start : start + chunk_size]
-                began = time.perf_counter()
-                results = probe.run(engine, chunk)
-                seconds = (time.perf_counter() - began) / len(chunk)
-                yield [
-                    ItemResult(name, item.id, split, item.prompt, output, scores, seconds)
-                    for item, (output, scores) in zip(chunk, results, strict=True)
-                ]
+        """Each probe's items in chunks, the probes taking turns chunk by chunk, so that an
+        early stop sees every objective soon (the chunks, hence the results, do not depend
+        on the order)."""
+        for name, chunk in self._interleaved(split, chunk_size):
+            began = time.perf_counter()
+            results = self.probes[name].run(engine, chunk)
+            seconds = (time.perf_counter() - began) / len(chunk)
+            yield [
+                ItemResult(name, item.id, split, item.prompt, output, scores, seconds)
+                for item, (output, scores) in zip(chunk, results, strict=True)
+            ]
+
+    def _interleaved(self, split: str, chunk_size: int) -> Iterator[tuple[str, list]]:
+        queues = {name: probe.items(split) for name, probe in self.probes.items()}
+        for start in range(0, max(map(len, queues.values()), default=0), chunk_size):
+            for name, items in queues.items():
+                if start < len(items):
+                    yield name, items[start : start + chunk_size]
 
     def summarize(self, items: list[ItemResult]) -> SuiteResult:
         by_probe: dict[str, list[dict[str, float]]] = {}

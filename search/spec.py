@@ -208,9 +208,9 @@ class EngineSpec(_Strict):
 
 
 class PruningSpec(_Strict):
-    """Stop a hopeless trial between chunks: Optuna's Wilcoxon signed-rank test of its
-    per-item scores against the best trial's on the same items (one objective, or
-    combine: weighted)."""
+    """Stop a hopeless trial between chunks, from its per-item scores: with one objective
+    (or combine: weighted) Optuna's Wilcoxon pruner against the best trial's items; with
+    several, once a Pareto-front member is significantly better on every objective."""
 
     enabled: bool = False
     p_threshold: float = Field(0.1, gt=0, lt=1)
@@ -281,9 +281,6 @@ class StudySpec(_Strict):
             if constraint.of_parent is not None and constraint.of_parent not in parent_names:
                 raise ValueError(f"constraints[{i}].of_parent {constraint.of_parent!r} is not "
                                  f"a parent ({', '.join(parent_names)})")
-        if len(self.directions) > 1 and self.evaluation.pruning.enabled:
-            raise ValueError("evaluation.pruning works on one objective (Optuna prunes no "
-                             "multi-objective trial); use combine: weighted, or turn it off")
         if len(self.directions) > 1 and self.sampler.name in SINGLE_OBJECTIVE_SAMPLERS:
             raise ValueError(f"sampler {self.sampler.name!r} optimises one objective; use "
                              "combine: weighted, or another sampler (tpe, gp, nsga2, random)")

@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 from evaluators.suite import ItemResult
 from mergesearch.errors import SpecError, StorageError
 from merging import MergeRecipe
+from search.item_pruning import item_pruner
 from search.spec import SAMPLERS_WITH_CONSTRAINTS, StudySpec, parse_spec
 from search.workbench import Workbench
 from storage import open_storage, study_names
@@ -224,19 +225,20 @@ MAX_CONSECUTIVE_FAILURES = 5
 def _score(bench: Workbench, trial: optuna.Trial, recipe: MergeRecipe,
            records: Records | None):
     """Score on dev, item by item to the pruner; record the evaluation however it ends."""
-    pruning = bench.spec.evaluation.pruning
+    min_items = bench.spec.evaluation.pruning.min_items
+    pruner = item_pruner(bench, records.store if records else None)
     items: list[ItemResult] = []
 
     def on_items(chunk: list[ItemResult]) -> None:
         items.extend(chunk)
         trial.set_user_attr(ITEMS_ATTR, len(items))
-        if not pruning.enabled:
-            return
-        for step, item in enumerate(chunk, len(items) - len(chunk)):
-            trial.report(bench.item_value(item), step)  # items pair up across trials
         seen = len(items)
-        if seen >= pruning.min_items and seen < bench.items_per_trial and trial.should_prune():
-            raise optuna.TrialPruned(f"pruned after {seen} of {bench.items_per_trial} items")
+        if pruner is None or seen < min_items or seen >= bench.items_per_trial:
+            return
+        why = pruner.check(trial, items, len(chunk))
+        if why is not None:
+            raise optuna.TrialPruned(f"pruned after {seen} of {bench.items_per_trial} items: "
+                                     f"{why}")
 
     started, outcome, digest, error = now(), "failed", None, None
     try:
