@@ -4,7 +4,8 @@ The spec is stored with the study (a study user attribute), so a worker needs on
 storage URL and the study name. A new study is warm-started with the parents themselves
 and their uniform average, marked as baselines, so every study holds its own reference
 points. Budgets count finished trials of the whole study, so several workers and resumed
-launches stop together at `n_trials`.
+launches stop together at `n_trials` (each worker finishes the trial it has in flight, so
+a study with W workers may end with up to W - 1 more).
 """
 
 from __future__ import annotations
@@ -360,8 +361,9 @@ class _StopAfterFailures:
 
 
 def worker_seed(seed: int) -> int:
-    """Workers beside the launcher must not propose the launcher's exact sequence."""
-    return (seed * 1_000_003 + os.getpid()) % 2**31
+    """Workers must not propose the launcher's or each other's sequence: the process id is
+    no help in containers (every worker is PID 1), so each worker draws fresh bits."""
+    return (seed * 1_000_003 + int.from_bytes(os.urandom(4), "little")) % 2**31
 
 
 # ---------------------------------------------------------------- test split
