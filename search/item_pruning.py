@@ -22,6 +22,7 @@ import optuna
 from scipy.stats import wilcoxon
 
 from evaluators.suite import ItemResult
+from search.spec import StudySpec
 from search.workbench import Workbench
 from storage.records import RecordStore
 
@@ -42,10 +43,13 @@ class WilcoxonItems:
 
 
 class DominatedByFront:
-    """Several objectives: stop the trial once a Pareto-front member dominates it."""
+    """Several objectives: stop the trial once a Pareto-front member dominates it.
+    `metrics` gives each probe's default metric (an objective without one uses it)."""
 
-    def __init__(self, bench: Workbench, records: RecordStore, p_threshold: float):
-        self.bench, self.records, self.p_threshold = bench, records, p_threshold
+    def __init__(self, spec: StudySpec, metrics: dict[str, str], records: RecordStore,
+                 p_threshold: float):
+        self.spec, self.metrics = spec, metrics
+        self.records, self.p_threshold = records, p_threshold
         self._scores: dict[int, dict[tuple[str, str], dict[str, float]]] = {}
 
     def check(self, trial: optuna.Trial, items: list[ItemResult], new: int) -> str | None:
@@ -58,12 +62,12 @@ class DominatedByFront:
 
     def _dominates(self, number: int, study: str, items: list[ItemResult]) -> bool:
         theirs = self._member_scores(study, number)
-        for objective in self.bench.spec.objectives:
+        for objective in self.spec.objectives:
             sign = 1.0 if objective.direction == "maximize" else -1.0
             differences = []
             for item in items:
                 if item.probe in objective.probes and (item.probe, item.item_id) in theirs:
-                    metric = objective.metric or self.bench.suite.probes[item.probe].default_metric
+                    metric = objective.metric or self.metrics[item.probe]
                     ours, other = item.scores[metric], theirs[(item.probe, item.item_id)][metric]
                     if other is not None and math.isfinite(ours):
                         differences.append(sign * (ours - other))
@@ -98,4 +102,5 @@ def item_pruner(bench: Workbench, records: RecordStore | None
         return WilcoxonItems(bench)
     if records is None:
         raise ValueError("pruning a Pareto study needs the record store (front members' items)")
-    return DominatedByFront(bench, records, pruning.p_threshold)
+    metrics = {name: probe.default_metric for name, probe in bench.suite.probes.items()}
+    return DominatedByFront(bench.spec, metrics, records, pruning.p_threshold)

@@ -13,24 +13,24 @@ from search.demo.build import ASSETS
 
 BASE = {"name": "base", "path": str(ASSETS / "models/base")}
 VARIANTS = {
-    "as shipped": {},
+    "as-shipped": {},
     "per_layer_module": {"merge": {"genes": "per_layer_module"}},
     "anchors": {"merge": {"genes": "anchors", "anchors": 3, "outer_genes": False}},
-    "global with gene bounds": {"merge": {"genes": "global", "gene_bounds": {"lm_head": [0.2, 0.8]}}},
-    "several methods": {"parents": "+base", "merge": {
+    "global-gene-bounds": {"merge": {"genes": "global", "gene_bounds": {"lm_head": [0.2, 0.8]}}},
+    "several-methods": {"parents": "+base", "merge": {
         "method": ["linear", "ties", "dare_ties"], "base": "base", "genes": "global",
         "params": {"density": [0.3, 1.0], "dare_ties.density": [0.2, 0.6]}}},
     "gp": {"sampler": {"name": "gp", "n_startup_trials": 1}},
-    "cmaes, weighted": {"sampler": {"name": "cmaes", "n_startup_trials": 1},
+    "cmaes-weighted": {"sampler": {"name": "cmaes", "n_startup_trials": 1},
                         "combine": "weighted", "constraints": []},
     "nsga2": {"sampler": {"name": "nsga2"}},
     "random": {"sampler": {"name": "random"}},
     "grid": {"sampler": {"name": "grid", "grid_points": 2},
              "merge": {"genes": "global", "outer_genes": False}},
-    "weighted with Wilcoxon pruning": {"combine": "weighted"},
+    "weighted-wilcoxon-pruning": {"combine": "weighted"},
 }
 EXPECTED_PARAM = {"per_layer_module": "t[layers.0.attn]", "anchors": "t[anchor.2]",
-                  "global with gene bounds": "t[lm_head]", "several methods": "method"}
+                  "global-gene-bounds": "t[lm_head]", "several-methods": "method"}
 
 
 def _slice(source: Path, dest: Path, per_split: int) -> None:
@@ -71,5 +71,5 @@ def test_the_demo_study_runs_with(variant, cli, tmp_path):
                    if t.state == optuna.trial.TrialState.COMPLETE)
     if variant in EXPECTED_PARAM:
         assert any(EXPECTED_PARAM[variant] in t.params for t in finished)
-    if variant == "several methods":
+    if variant == "several-methods":
         assert {t.params["method"] for t in finished} <= {"linear", "ties", "dare_ties"}

@@ -484,10 +484,44 @@ def test_wilcoxon_pruning_stops_worse_trials_between_chunks(cli, write_spec, tmp
         assert len(recorded[t.number].items) == t.user_attrs["items_evaluated"]
 
 
-def test_pruning_needs_one_objective(cli, write_spec, tmp_path):
-    spec = write_spec(evaluation={"pruning": {"enabled": True}})
-    code, _, err = cli("launch", spec, "--n-trials", "2")
-    assert code == 2 and "pruning works on one objective" in err
+def test_a_pareto_trial_stops_only_when_a_front_member_beats_it_on_every_objective(
+        parents, probe_files, tmp_path):
+    """The dominance check on real storage and records: a candidate whose items are worse
+    than a front member's on both objectives is stopped (and names the member); one that is
+    worse on one objective and as good on the other is not, nor one with too few items."""
+    import random
+
+    from evaluators.suite import ItemResult
+    from search.item_pruning import PRUNED_BY_ATTR, DominatedByFront
+    from search.spec import StudySpec
+    from storage.records import RecordStore, now
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    spec = StudySpec.model_validate(spec_dict(parents, probe_files))
+    records = RecordStore.open(url)
+    study = optuna.create_study(study_name="tiny", storage=url, directions=["maximize"] * 2)
+    rng = random.Random(0)
+    member = [ItemResult(probe, f"{probe}{i}", "dev", "", "", {metric: rng.uniform(0.5, 1)},
+                         0.1)
+              for probe, metric in (("radiology", "rougeL"), ("ifeval", "inst_level_loose"))
+              for i in range(20)]
+    trial = study.ask()
+    records.record_evaluation("tiny", trial.number, "dev", "hf", "complete", now(), member)
+    study.tell(trial, [0.75, 0.75])
+    stop = DominatedByFront(spec, {"radiology": "rougeL"}, records, p_threshold=0.05)
+
+    def candidate(radiology_shift: float, ifeval_shift: float, count: int = 20):
+        shifts = {"radiology": radiology_shift, "ifeval": ifeval_shift}
+        return [ItemResult(i.probe, i.item_id, "dev", "", "",
+                           {k: v + shifts[i.probe] for k, v in i.scores.items()}, 0.1)
+                for i in member if int(i.item_id.removeprefix(i.probe)) < count]
+
+    running = study.ask()
+    assert stop.check(running, candidate(-0.1, 0.0), 40) is None
+    assert stop.check(running, candidate(-0.1, -0.1, count=5), 10) is None  # 5 pairs: no evidence
+    assert stop.check(running, candidate(-0.1, -0.05), 40) == (
+        f"trial {trial.number} of the Pareto front dominates it")
+    assert study.trials[running.number].user_attrs[PRUNED_BY_ATTR] == trial.number
 
 
 def test_evaluate_scores_chosen_trials_of_a_study_on_test(cli, write_spec, tmp_path):
