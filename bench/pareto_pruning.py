@@ -1,7 +1,8 @@
 """Item-level early stop in a Pareto study: item evaluations saved, and the front kept.
 
-The demo study (two objectives, per-layer genes, without its constraint) runs twice with the random sampler and the
-same seed, once without pruning and once with the Pareto early stop (search/item_pruning.py).
+The demo study (two objectives, per-layer genes, without its constraint) runs twice with
+the random sampler and the same seed, once without pruning and once with the Pareto early
+stop (search/item_pruning.py).
 The random sampler's proposals do not depend on results, so trial N is the same merge in
 both runs (checked): a trial stopped in the pruned run was fully scored in the other, and
 the front is kept when no stopped trial is on the unpruned run's front.
@@ -35,7 +36,8 @@ def run(out: Path, pruning: bool, args: argparse.Namespace) -> tuple[optuna.Stud
     spec.pop("constraints", None)  # the whole front, not its feasible part
     spec["seed"] = args.seed
     spec["evaluation"] = {"chunk_size": args.chunk_size, "test_top_k": 0, "pruning": {
-        "enabled": pruning, "p_threshold": args.p_threshold, "min_items": args.min_items}}
+        "enabled": pruning, "p_threshold": args.p_threshold, "min_items": args.min_items,
+        "margin": args.margin}}
     out.mkdir(parents=True)
     (out / "spec.yaml").write_text(yaml.safe_dump(spec))
     began = time.perf_counter()
@@ -50,6 +52,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--p-threshold", type=float, default=0.1)
     parser.add_argument("--min-items", type=int, default=16)
+    parser.add_argument("--margin", type=float, default=0.02)
     parser.add_argument("--chunk-size", type=int, default=16)
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -74,7 +77,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     print(f"| no pruning | {len(full.trials)} | 0 | {items_full} | {full_s:.0f} s | "
           f"{front_full} |")
-    print(f"| Pareto early stop (p {args.p_threshold}) | {len(pruned.trials)} | {len(stopped)} | "
+    print(f"| Pareto early stop (p {args.p_threshold}, margin {args.margin}) | "
+          f"{len(pruned.trials)} | {len(stopped)} | "
           f"{items_pruned} ({100 * (1 - items_pruned / items_full):.1f}% saved) | "
           f"{pruned_s:.0f} s | {front_pruned} |")
     print("\nstopped: " + ", ".join(

@@ -4,14 +4,16 @@ One objective (or `combine: weighted`): Optuna's WilcoxonPruner, fed one step pe
 the trial's items against the best trial's on the same items.
 
 Several objectives (a Pareto study), which Optuna does not prune: the trial is stopped when a
-member of the current Pareto front dominates it with evidence on every objective. For each
-front member and each objective, a one-sided paired Wilcoxon signed-rank test of the trial's
-item scores against the member's on the same items asks whether the trial is worse; only when
-all objectives' tests reject at `p_threshold` is the trial dominated (an intersection-union
-test, so the chance of stopping a trial that is not worse on every objective stays at most
-`p_threshold` per comparison). A trial dominated by a front member cannot be on the front,
-which is why stopping it keeps the front; bench/sample_efficiency.py measures both the saving
-and that the front is unchanged.
+member of the current Pareto front dominates it with evidence. For each front member and
+each objective, one-sided paired Wilcoxon signed-rank tests of the trial's item scores against
+the member's on the same items ask whether the trial is worse (differences below 0) and
+whether it is at most `margin` better (differences below `margin`). The member dominates
+when every objective passes the second test and at least one passes the first, all at
+`p_threshold` (an intersection-union test). With `margin` 0 that is strict dominance on every
+objective; a small margin also stops trials that merely tie the member on some objective,
+which is the common case (a binary instruction metric often ties), at the price of possibly
+stopping a trial that is better than the member by less than `margin` there: the front is
+kept up to `margin`. bench/pareto_pruning.py measures the saving and the front.
 """
 
 from __future__ import annotations
@@ -47,9 +49,9 @@ class DominatedByFront:
     `metrics` gives each probe's default metric (an objective without one uses it)."""
 
     def __init__(self, spec: StudySpec, metrics: dict[str, str], records: RecordStore,
-                 p_threshold: float):
+                 p_threshold: float, margin: float = 0.0):
         self.spec, self.metrics = spec, metrics
-        self.records, self.p_threshold = records, p_threshold
+        self.records, self.p_threshold, self.margin = records, p_threshold, margin
         self._scores: dict[int, dict[tuple[str, str], dict[str, float]]] = {}
 
     def check(self, trial: optuna.Trial, items: list[ItemResult], new: int) -> str | None:
@@ -62,20 +64,33 @@ class DominatedByFront:
 
     def _dominates(self, number: int, study: str, items: list[ItemResult]) -> bool:
         theirs = self._member_scores(study, number)
+        worse_somewhere = False
         for objective in self.spec.objectives:
-            sign = 1.0 if objective.direction == "maximize" else -1.0
-            differences = []
-            for item in items:
-                if item.probe in objective.probes and (item.probe, item.item_id) in theirs:
-                    metric = objective.metric or self.metrics[item.probe]
-                    ours, other = item.scores[metric], theirs[(item.probe, item.item_id)][metric]
-                    if other is not None and math.isfinite(ours):
-                        differences.append(sign * (ours - other))
-            if sum(d != 0 for d in differences) < MIN_PAIRS:
+            differences = self._differences(objective, theirs, items)
+            if len(differences) < MIN_PAIRS:
                 return False
-            if wilcoxon(differences, alternative="less").pvalue >= self.p_threshold:
+            if not self._below(differences, self.margin):
                 return False
-        return True
+            worse_somewhere = worse_somewhere or self._below(differences, 0.0)
+        return worse_somewhere
+
+    def _differences(self, objective, theirs: dict, items: list[ItemResult]) -> list[float]:
+        """Per item: the trial's score minus the member's, signed so that below 0 is worse."""
+        sign = 1.0 if objective.direction == "maximize" else -1.0
+        out = []
+        for item in items:
+            if item.probe in objective.probes and (item.probe, item.item_id) in theirs:
+                metric = objective.metric or self.metrics[item.probe]
+                ours, other = item.scores[metric], theirs[(item.probe, item.item_id)][metric]
+                if other is not None and math.isfinite(ours):
+                    out.append(sign * (ours - other))
+        return out
+
+    def _below(self, differences: list[float], shift: float) -> bool:
+        shifted = [d - shift for d in differences]
+        if sum(d != 0 for d in shifted) < MIN_PAIRS:  # too few informative pairs
+            return False
+        return wilcoxon(shifted, alternative="less").pvalue < self.p_threshold
 
     def _member_scores(self, study: str, number: int) -> dict[tuple[str, str], dict]:
         if number not in self._scores:  # a complete trial's items never change
@@ -103,4 +118,4 @@ def item_pruner(bench: Workbench, records: RecordStore | None
     if records is None:
         raise ValueError("pruning a Pareto study needs the record store (front members' items)")
     metrics = {name: probe.default_metric for name, probe in bench.suite.probes.items()}
-    return DominatedByFront(bench.spec, metrics, records, pruning.p_threshold)
+    return DominatedByFront(bench.spec, metrics, records, pruning.p_threshold, pruning.margin)

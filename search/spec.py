@@ -215,6 +215,9 @@ class PruningSpec(_Strict):
     enabled: bool = False
     p_threshold: float = Field(0.1, gt=0, lt=1)
     min_items: int = Field(16, ge=1, description="items scored before a trial may be pruned")
+    margin: float = Field(0.02, ge=0, description="several objectives: a trial at most this "
+                          "much better than a front member on an objective (in its metric's "
+                          "units) counts as not better there")
 
 
 class HeartbeatSpec(_Strict):

@@ -488,7 +488,8 @@ def test_a_pareto_trial_stops_only_when_a_front_member_beats_it_on_every_objecti
         parents, probe_files, tmp_path):
     """The dominance check on real storage and records: a candidate whose items are worse
     than a front member's on both objectives is stopped (and names the member); one that is
-    worse on one objective and as good on the other is not, nor one with too few items."""
+    worse on one objective and as good on the other is not, nor one with too few items;
+    with a margin, a tie on one objective no longer saves it, but being better there does."""
     import random
 
     from evaluators.suite import ItemResult
@@ -522,6 +523,9 @@ def test_a_pareto_trial_stops_only_when_a_front_member_beats_it_on_every_objecti
     assert stop.check(running, candidate(-0.1, -0.05), 40) == (
         f"trial {trial.number} of the Pareto front dominates it")
     assert study.trials[running.number].user_attrs[PRUNED_BY_ATTR] == trial.number
+    lenient = DominatedByFront(spec, {"radiology": "rougeL"}, records, 0.05, margin=0.02)
+    assert lenient.check(running, candidate(-0.1, 0.0), 40) is not None
+    assert lenient.check(running, candidate(-0.1, 0.05), 40) is None
 
 
 def test_evaluate_scores_chosen_trials_of_a_study_on_test(cli, write_spec, tmp_path):
