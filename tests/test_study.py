@@ -512,9 +512,9 @@ def test_a_pareto_trial_stops_only_when_a_front_member_beats_it_on_every_objecti
     stop = DominatedByFront(spec, {"radiology": "rougeL"}, records, p_threshold=0.05)
 
     def candidate(radiology_shift: float, ifeval_shift: float, count: int = 20):
-        shifts = {"radiology": radiology_shift, "ifeval": ifeval_shift}
-        return [ItemResult(i.probe, i.item_id, "dev", "", "",
-                           {k: v + shifts[i.probe] for k, v in i.scores.items()}, 0.1)
+        shifts, noise = {"radiology": radiology_shift, "ifeval": ifeval_shift}, random.Random(1)
+        return [ItemResult(i.probe, i.item_id, "dev", "", "", {
+            k: v + shifts[i.probe] + noise.gauss(0, 0.02) for k, v in i.scores.items()}, 0.1)
                 for i in member if int(i.item_id.removeprefix(i.probe)) < count]
 
     running = study.ask()
