@@ -38,9 +38,12 @@ class WilcoxonItems:
     def __init__(self, bench: Workbench):
         self.bench = bench
 
-    def check(self, trial: optuna.Trial, items: list[ItemResult], new: int) -> str | None:
+    def observe(self, trial: optuna.Trial, items: list[ItemResult], new: int) -> None:
         for step in range(len(items) - new, len(items)):
             trial.report(self.bench.item_value(items[step]), step)
+
+    def check(self, trial: optuna.Trial, items: list[ItemResult]) -> str | None:
+        del items  # reported by observe
         return "its items score below the best trial's" if trial.should_prune() else None
 
 
@@ -54,8 +57,10 @@ class DominatedByFront:
         self.records, self.p_threshold, self.margin = records, p_threshold, margin
         self._scores: dict[int, dict[tuple[str, str], dict[str, float]]] = {}
 
-    def check(self, trial: optuna.Trial, items: list[ItemResult], new: int) -> str | None:
-        del new
+    def observe(self, trial: optuna.Trial, items: list[ItemResult], new: int) -> None:
+        pass  # the evaluations table holds the front members' items
+
+    def check(self, trial: optuna.Trial, items: list[ItemResult]) -> str | None:
         for member in _feasible_front(trial.study):
             if self._dominates(member.number, trial.study.study_name, items):
                 trial.set_user_attr(PRUNED_BY_ATTR, member.number)

@@ -230,13 +230,18 @@ def _score(bench: Workbench, trial: optuna.Trial, recipe: MergeRecipe,
     pruner = item_pruner(bench, records.store if records else None)
     items: list[ItemResult] = []
 
+    baseline = BASELINE_ATTR in trial.user_attrs  # the reference points are never stopped
+
     def on_items(chunk: list[ItemResult]) -> None:
         items.extend(chunk)
         trial.set_user_attr(ITEMS_ATTR, len(items))
-        seen = len(items)
-        if pruner is None or seen < min_items or seen >= bench.items_per_trial:
+        if pruner is None:
             return
-        why = pruner.check(trial, items, len(chunk))
+        pruner.observe(trial, items, len(chunk))  # every item, so later trials compare to all
+        seen = len(items)
+        if baseline or seen < min_items or seen >= bench.items_per_trial:
+            return
+        why = pruner.check(trial, items)
         if why is not None:
             raise optuna.TrialPruned(f"pruned after {seen} of {bench.items_per_trial} items: "
                                      f"{why}")
@@ -313,9 +318,12 @@ def constraint_values(study: optuna.Study, spec: StudySpec, objectives: dict[str
 
 
 def dev_objectives(trial: optuna.trial.FrozenTrial, spec: StudySpec) -> dict[str, float]:
-    """A finished trial's dev value of each objective, by name."""
+    """A complete trial's dev value of each objective, by name; none for a pruned trial
+    (Optuna stores its last item's value as its value, which is no objective's)."""
     if OBJECTIVES_ATTR in trial.user_attrs:
         return trial.user_attrs[OBJECTIVES_ATTR]
+    if trial.state != TrialState.COMPLETE:
+        return {}
     return dict(zip([o.name for o in spec.objectives], trial.values, strict=True))
 
 

@@ -25,8 +25,7 @@ VARIANTS = {
                         "combine": "weighted", "constraints": []},
     "nsga2": {"sampler": {"name": "nsga2"}},
     "random": {"sampler": {"name": "random"}},
-    "grid": {"sampler": {"name": "grid", "grid_points": 2},
-             "merge": {"genes": "global", "outer_genes": False}},
+    "grid": {"sampler": {"name": "grid", "grid_points": 2}, "merge": {"genes": "global"}},
     "weighted-wilcoxon-pruning": {"combine": "weighted"},
 }
 EXPECTED_PARAM = {"per_layer_module": "t[layers.0.attn]", "anchors": "t[anchor.2]",
@@ -66,6 +65,8 @@ def test_the_demo_study_runs_with(variant, cli, tmp_path):
     finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE,
                                                        optuna.trial.TrialState.PRUNED)]
     assert len(finished) == 6
+    code, out, err = cli("status", "--storage", f"sqlite:///{tmp_path / 'study.db'}")
+    assert code == 0 and out.count("\n") > 6, err
     if spec.get("constraints"):
         assert all("constraints" in t.user_attrs for t in finished
                    if t.state == optuna.trial.TrialState.COMPLETE)

@@ -467,6 +467,9 @@ def test_wilcoxon_pruning_stops_worse_trials_between_chunks(cli, write_spec, tmp
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert pruned and len(pruned) + len(complete) == 10
     assert all(t.user_attrs["items_evaluated"] == 48 for t in complete)
+    # every item of a complete trial is there for later trials to be compared with
+    assert all(len(t.intermediate_values) == 48 for t in complete)
+    assert not [t for t in pruned if "baseline" in t.user_attrs]  # references run whole
     assert all(8 <= t.user_attrs["items_evaluated"] < 48 for t in pruned)
     code, out, _ = cli("report", "--storage", f"sqlite:///{tmp_path / 'study.db'}", "--json")
     savings = json.loads(out)["pruning"]
@@ -518,14 +521,14 @@ def test_a_pareto_trial_stops_only_when_a_front_member_beats_it_on_every_objecti
                 for i in member if int(i.item_id.removeprefix(i.probe)) < count]
 
     running = study.ask()
-    assert stop.check(running, candidate(-0.1, 0.0), 40) is None
-    assert stop.check(running, candidate(-0.1, -0.1, count=5), 10) is None  # 5 pairs: no evidence
-    assert stop.check(running, candidate(-0.1, -0.05), 40) == (
+    assert stop.check(running, candidate(-0.1, 0.0)) is None
+    assert stop.check(running, candidate(-0.1, -0.1, count=5)) is None  # 5 pairs: no evidence
+    assert stop.check(running, candidate(-0.1, -0.05)) == (
         f"trial {trial.number} of the Pareto front dominates it")
     assert study.trials[running.number].user_attrs[PRUNED_BY_ATTR] == trial.number
     lenient = DominatedByFront(spec, {"radiology": "rougeL"}, records, 0.05, margin=0.02)
-    assert lenient.check(running, candidate(-0.1, 0.0), 40) is not None
-    assert lenient.check(running, candidate(-0.1, 0.05), 40) is None
+    assert lenient.check(running, candidate(-0.1, 0.0)) is not None
+    assert lenient.check(running, candidate(-0.1, 0.05)) is None
 
 
 def test_evaluate_scores_chosen_trials_of_a_study_on_test(cli, write_spec, tmp_path):
