@@ -14,6 +14,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -223,8 +225,39 @@ class TrialFailed(Exception):
 MAX_CONSECUTIVE_FAILURES = 5
 
 
+class SafeInterrupt:
+    """Ctrl-C during a study takes effect between evaluation chunks or between trials, never
+    inside a database write (where it could leave SQLite locked and the process hung); a
+    second Ctrl-C interrupts at once. Also an Optuna callback, checked after each trial."""
+
+    def __init__(self) -> None:
+        self.requested, self.previous = False, None
+
+    def __enter__(self) -> SafeInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("interrupt requested: stopping after the current chunk (Ctrl-C again to "
+                    "stop at once)")
+
+    def check(self, *_) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+    __call__ = check
+
+
 def _score(bench: Workbench, trial: optuna.Trial, recipe: MergeRecipe,
-           records: Records | None):
+           records: Records | None, interrupt: SafeInterrupt | None = None):
     """Score on dev, item by item to the pruner; record the evaluation however it ends."""
     min_items = bench.spec.evaluation.pruning.min_items
     pruner = item_pruner(bench, records.store if records else None)
@@ -233,6 +266,8 @@ def _score(bench: Workbench, trial: optuna.Trial, recipe: MergeRecipe,
     baseline = BASELINE_ATTR in trial.user_attrs  # the reference points are never stopped
 
     def on_items(chunk: list[ItemResult]) -> None:
+        if interrupt is not None:
+            interrupt.check()
         items.extend(chunk)
         trial.set_user_attr(ITEMS_ATTR, len(items))
         if pruner is None:
@@ -265,12 +300,13 @@ def _score(bench: Workbench, trial: optuna.Trial, recipe: MergeRecipe,
                                digest, trial, error)
 
 
-def make_objective(bench: Workbench, records: Records | None = None
+def make_objective(bench: Workbench, records: Records | None = None,
+                   interrupt: SafeInterrupt | None = None
                    ) -> Callable[[optuna.Trial], list[float]]:
     def objective(trial: optuna.Trial) -> list[float]:
         recipe = bench.space.suggest(trial)
         trial.set_user_attr("recipe", recipe.to_dict())
-        weights_hash, result = _score(bench, trial, recipe, records)
+        weights_hash, result = _score(bench, trial, recipe, records, interrupt)
         for key, value in bench.weights_attrs(weights_hash).items():
             trial.set_user_attr(key, value)
         trial.set_user_attr("dev_probes", result.probes)
@@ -348,9 +384,10 @@ def run_trials(study: optuna.Study, bench: Workbench, n_trials: int | None,
     callbacks.append(_StopAfterFailures(MAX_CONSECUTIVE_FAILURES))
     # No trial count here: failed trials do not count towards the budget, the callback stops
     # at `n_trials` finished ones (of all workers), and repeated failures stop the worker.
-    study.optimize(make_objective(bench, records), timeout=timeout,
-                   callbacks=callbacks, show_progress_bar=progress and timeout is not None,
-                   catch=(TrialFailed,))
+    with SafeInterrupt() as interrupt:
+        study.optimize(make_objective(bench, records, interrupt), timeout=timeout,
+                       callbacks=[*callbacks, interrupt],
+                       show_progress_bar=progress and timeout is not None, catch=(TrialFailed,))
 
 
 class _StopAfterFailures:

@@ -98,6 +98,11 @@ def _json_number(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None  # JSON has no NaN
 
 
+def _text(value: str) -> str:
+    """Text a model generated, storable everywhere (PostgreSQL text refuses NUL)."""
+    return value.replace("\x00", "\ufffd")
+
+
 class RecordStore:
     """Writes and reads mergesearch's tables through `engine` (the study database)."""
 
@@ -118,7 +123,7 @@ class RecordStore:
         evaluation = Evaluation(
             study=study, trial=trial, split=split, engine=engine, outcome=outcome,
             weights_sha256=weights_sha256, error=error, started=started, finished=now(),
-            items=[ItemRecord(probe=i.probe, item_id=i.item_id, output=i.output,
+            items=[ItemRecord(probe=i.probe, item_id=_text(i.item_id), output=_text(i.output),
                               scores={k: _json_number(v) for k, v in i.scores.items()},
                               latency_s=i.seconds) for i in items])
         with Session(self.engine) as session, session.begin():

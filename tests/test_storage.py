@@ -188,7 +188,7 @@ def test_records_migrate_and_an_evaluation_is_written_whole_or_not_at_all(any_st
     url, name = any_storage
     store = RecordStore.open(url)
     assert current_revision(store.engine) == "0001"
-    items = [ItemRow("radiology", "r1", "No acute findings. – ok", {"rougeL": 0.5}, 0.25),
+    items = [ItemRow("radiology", "r1", "No acute findings.\x00 – ok", {"rougeL": 0.5}, 0.25),
              ItemRow("ifeval", "i1", "", {"strict": float("nan")}, 0.5)]
     store.record_evaluation(name, 3, "dev", "hf:cpu:float32", "complete", now(), items, "ab" * 32)
     # the last item repeats an id: the database refuses it, and nothing of the evaluation stays
@@ -199,7 +199,8 @@ def test_records_migrate_and_an_evaluation_is_written_whole_or_not_at_all(any_st
     assert (evaluation.trial, evaluation.split, evaluation.outcome) == (3, "dev", "complete")
     assert evaluation.started <= evaluation.finished
     assert [(i.item_id, i.output, i.scores, i.latency_s) for i in evaluation.items] == [
-        ("r1", "No acute findings. – ok", {"rougeL": 0.5}, 0.25), ("i1", "", {"strict": None}, 0.5)]
+        ("r1", "No acute findings.\ufffd – ok", {"rougeL": 0.5}, 0.25),  # NUL is refused
+        ("i1", "", {"strict": None}, 0.5)]
     with store.engine.connect() as connection:
         orphans = connection.execute(sqlalchemy.text(
             "SELECT COUNT(*) FROM mergesearch_item_results r LEFT JOIN mergesearch_evaluations "
