@@ -21,7 +21,14 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    declared_attr,
+    mapped_column,
+    relationship,
+)
 
 from mergesearch.errors import StorageError
 
@@ -33,13 +40,21 @@ class Base(DeclarativeBase):
     pass
 
 
-class Evaluation(Base):
-    __tablename__ = "mergesearch_evaluations"
-    __table_args__ = (sa.Index("ix_mergesearch_evaluations_trial", "study", "trial"),)
+class _OfTrial:
+    """A row about one trial, named by study and trial number, indexed on both."""
 
     id: Mapped[int] = mapped_column(primary_key=True)
     study: Mapped[str] = mapped_column(sa.String(512))
     trial: Mapped[int]
+
+    @declared_attr.directive
+    def __table_args__(cls) -> tuple:
+        return (sa.Index(f"ix_{cls.__tablename__}_trial", "study", "trial"),)
+
+
+class Evaluation(_OfTrial, Base):
+    __tablename__ = "mergesearch_evaluations"
+
     split: Mapped[str] = mapped_column(sa.String(32))
     engine: Mapped[str] = mapped_column(sa.String(256))
     outcome: Mapped[str] = mapped_column(sa.String(16))  # complete, pruned or failed
@@ -66,13 +81,9 @@ class ItemRecord(Base):
     evaluation: Mapped[Evaluation] = relationship(back_populates="items")
 
 
-class ExportRecord(Base):
+class ExportRecord(_OfTrial, Base):
     __tablename__ = "mergesearch_exports"
-    __table_args__ = (sa.Index("ix_mergesearch_exports_trial", "study", "trial"),)
 
-    id: Mapped[int] = mapped_column(primary_key=True)
-    study: Mapped[str] = mapped_column(sa.String(512))
-    trial: Mapped[int]
     path: Mapped[str] = mapped_column(sa.Text)
     weights_sha256: Mapped[str] = mapped_column(sa.String(64))
     verified: Mapped[str] = mapped_column(sa.Text)  # "yes", or why the bytes were not compared
