@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 TORCH_CPU ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 
-.PHONY: demo test lint clean-venv demo-models
+.PHONY: demo test lint clean-venv demo-models browser
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,24 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/mergesearch demo --out runs/demo
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
+
+# The dashboard's browser test drives Debian's chromium through chromedriver. They are
+# installed here when missing and the machine allows it (root with apt-get); otherwise that
+# test is skipped and says why.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing Debian's chromium and chromium-driver for the browser test"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null 2>&1 \
+		|| { apt-get update -q >/dev/null 2>&1 && \
+		     apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null; } \
+		|| echo "could not install chromium: the browser test will be skipped"; \
+	else \
+		echo "no chromium and no root apt-get to install it: the browser test will be skipped"; \
+	fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

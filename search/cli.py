@@ -116,15 +116,26 @@ def status(storage: StorageOpt, study: StudyOpt = None) -> None:
 def report(
     storage: StorageOpt,
     study: StudyOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="one JSON object")] = False,
+    out: Annotated[Path | None, typer.Option(
+        help="write DIR/report.html, a self-contained page with figures")] = None,
+    as_json: Annotated[bool, typer.Option(
+        "--json", help="the machine-readable form: printed, or DIR/report.json with --out")
+    ] = False,
 ) -> None:
-    """Summarise the study: trial counts, baselines, best trial or Pareto set."""
+    """Summarise the study: trial counts, baselines, best trial or Pareto set; with --out,
+    an HTML page with the Pareto front, weight profiles, history and importances."""
     from search.report import build_report
     from search.run import format_report
     from search.study import load_study
 
     result = build_report(load_study(storage, study))
-    typer.echo(json.dumps(result, indent=2) if as_json else format_report(result))
+    if out is not None:
+        from search.report_page import write_report
+
+        for path in write_report(result, out, as_json):
+            typer.echo(f"wrote {path}")
+    else:
+        typer.echo(json.dumps(result, indent=2) if as_json else format_report(result))
 
 
 @app.command()
@@ -205,22 +216,40 @@ def export(
     out_dir: Annotated[Path, typer.Argument(metavar="OUT_DIR")],
     storage: StorageOpt,
     study: StudyOpt = None,
-    trial: Annotated[str, typer.Option(help="trial number, or best")] = "best",
+    trial: Annotated[str | None, typer.Option(
+        help="a trial number; best (one objective) or knee (the Pareto front's knee); "
+             "default: best, or knee for a Pareto study, unless a rule picks")] = None,
+    at_least: Annotated[list[str], typer.Option(
+        "--min", help="rule: only trials with dev OBJECTIVE >= VALUE (repeatable), e.g. "
+                      "instruction=0.9")] = [],  # noqa: B006 (typer reads the default)
+    at_most: Annotated[list[str], typer.Option(
+        "--max", help="rule: only trials with dev OBJECTIVE <= VALUE (repeatable)")
+    ] = [],  # noqa: B006
+    maximize: Annotated[str | None, typer.Option(
+        help="rule: of those, the highest dev value of this objective")] = None,
+    minimize: Annotated[str | None, typer.Option(
+        help="rule: of those, the lowest dev value of this objective")] = None,
     force: Annotated[bool, typer.Option(help="replace OUT_DIR if it exists")] = False,
     device: Annotated[str, typer.Option(
         help="device to rebuild the merge on: auto (the kind it was scored on, if here), "
              "cpu, cuda")] = "auto",
 ) -> None:
-    """Write a trial's merged model as a Hugging Face folder."""
+    """Write a trial's merged model as a Hugging Face folder with its model card."""
     from search.export import export_trial
+    from search.selection import Rule
     from search.study import load_study
     from storage.records import RecordStore
 
-    if trial != "best" and not trial.isdigit():
-        raise MergesearchError(f"--trial {trial!r}: give a trial number or best")
-    record = export_trial(load_study(storage, study), trial, out_dir, force, device,
-                          RecordStore.open(storage))
-    typer.echo(f"exported trial {record['trial']} to {out_dir} "
+    rule = Rule.parse(at_least, at_most, maximize, minimize)
+    if rule is not None and trial is not None:
+        raise MergesearchError("give --trial or a rule (--min/--max/--maximize/--minimize), "
+                               "not both")
+    if trial is not None and trial not in ("best", "knee") and not trial.isdigit():
+        raise MergesearchError(f"--trial {trial!r}: give a trial number, best or knee")
+    loaded = load_study(storage, study)
+    which = rule or trial or ("best" if len(loaded.directions) == 1 else "knee")
+    record = export_trial(loaded, which, out_dir, force, device, RecordStore.open(storage))
+    typer.echo(f"exported trial {record['trial']}, {record['chosen_as']}, to {out_dir} "
                f"(weights sha256 {record['weights_sha256'][:16]}…)")
     if record["weights_verified"] is not True:
         typer.echo(f"warning: weights not compared with the scored trial's: "

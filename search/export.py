@@ -20,14 +20,17 @@ import optuna
 import torch
 import yaml
 from safetensors.torch import save_file
+from transformers import AutoConfig, GenerationConfig
 
-from mergesearch import __version__
 from mergesearch.devices import resolve_device
 from mergesearch.errors import MergesearchError
 from merging import Materializer, Parents
 from merging.materializer import WeightsHash
 from merging.mergekit_config import to_mergekit_config
-from search.report import select_trial
+from search import model_card
+from search.model_card import file_hashes, software_versions
+from search.report import baseline_trials
+from search.selection import Rule, select_trial
 from search.study import dev_objectives, recipe_of, stored_spec, test_results, verify_weights
 from storage.records import RecordStore
 
@@ -110,6 +113,9 @@ def write_model_folder(
             check()
         _copy_model_files(source, staging)
         _set_config_dtype(staging / "config.json", dtype)
+        if not (staging / "generation_config.json").exists():
+            GenerationConfig.from_model_config(AutoConfig.from_pretrained(staging)
+                                               ).save_pretrained(staging)
         for name, text in files.items():
             (staging / name).write_text(text)
         umask = os.umask(0)
@@ -127,9 +133,22 @@ def write_model_folder(
         raise
 
 
-def export_trial(study: optuna.Study, which: str | int, out_dir: Path, force: bool = False,
+def _chosen_as(which: str | int | Rule, trial: int) -> str:
+    if isinstance(which, Rule):
+        optimise = (f", then the {'highest' if which.optimise[1] else 'lowest'} "
+                    f"{which.optimise[0]}" if which.optimise else "")
+        return f"the rule {which.describe() or 'all feasible trials'}{optimise} (dev scores)"
+    if which == "best":
+        return "the study's best trial (dev score)"
+    if which == "knee":
+        return "the knee of the feasible Pareto front (dev scores)"
+    return f"trial {trial}, named by the user"
+
+
+def export_trial(study: optuna.Study, which: str | int | Rule, out_dir: Path, force: bool = False,
                  device: str = "auto", records: RecordStore | None = None) -> dict:
-    """Write trial `which` (a number or `best`) to `out_dir`; return its provenance record.
+    """Write trial `which` (a number, `best`, `knee` or a `Rule`) to `out_dir`; return its
+    provenance record (also written as mergesearch_recipe.json and shown in README.md).
 
     The merge is rebuilt on `device`; `auto` is the kind of device the trial was merged on
     when this machine has one (only then can its bytes be proven the same), else the CPU.
@@ -146,21 +165,34 @@ def export_trial(study: optuna.Study, which: str | int, out_dir: Path, force: bo
     paths = {p.name: p.path for p in spec.parents}
     parents = Parents(paths)
     digest = WeightsHash()
+    tests = test_results(study)
+    baselines = {name: {"trial": t.number, "dev": dev_objectives(t, spec),
+                        "test": tests.get(t.number, {}).get("objectives")}
+                 for name, t in baseline_trials(study).items()}
     record = {
         "study": study.study_name,
         "trial": trial.number,
+        "chosen_as": _chosen_as(which, trial.number),
+        "seed": spec.seed,
         "recipe": recipe.to_dict(),
         "weights_sha256": None,
         "weights_dtype": dtype_name,
         "weights_device": torch.device(device).type,
         "weights_verified": None,
-        "parents": {name: str(path) for name, path in paths.items()},
+        "parents": {name: {"path": str(path), "files": file_hashes(path)}
+                    for name, path in paths.items()},
         "source_parent": spec.source_parent.name,
         "dev": dev_objectives(trial, spec),
-        "test": test_results(study).get(trial.number, {}).get("objectives"),
-        "mergesearch_version": __version__,
+        "test": tests.get(trial.number, {}).get("objectives"),
+        "baselines": baselines,
+        "versions": software_versions(),
     }
     files: dict[str, str] = {}
+    mergekit = to_mergekit_config(recipe, paths, parents.layout, dtype,
+                                  parents.vocab_sizes_differ)
+    mergekit_yaml = None if mergekit is None else yaml.safe_dump(mergekit, sort_keys=False)
+    if mergekit_yaml is not None:
+        files["mergekit_config.yml"] = mergekit_yaml
 
     def check() -> None:  # runs once every tensor is written, before the folder is named
         record["weights_sha256"] = digest.hexdigest()
@@ -169,12 +201,8 @@ def export_trial(study: optuna.Study, which: str | int, out_dir: Path, force: bo
         unverified = verify_weights(trial, record["weights_sha256"], rebuilt)
         record["weights_verified"] = unverified or True
         files["mergesearch_recipe.json"] = json.dumps(record, indent=2) + "\n"
-        files["README.md"] = _model_card(record)
+        files["README.md"] = model_card.render(record, mergekit_yaml)
 
-    mergekit = to_mergekit_config(recipe, paths, parents.layout, dtype,
-                                  parents.vocab_sizes_differ)
-    if mergekit is not None:
-        files["mergekit_config.yml"] = yaml.safe_dump(mergekit, sort_keys=False)
     tensors = Materializer(parents).tensors(recipe, dtype, digest, device=device)
     write_model_folder(out_dir, tensors, spec.source_parent.path, dtype, files, force, check,
                        inputs=paths.values())
@@ -192,32 +220,3 @@ def _set_config_dtype(path: Path, dtype: torch.dtype) -> None:
         if key in config:
             config[key] = name
     path.write_text(json.dumps(config, indent=2) + "\n")
-
-
-def _verified(verified: bool | str) -> str:
-    if verified is True:
-        return "the same bytes as the trial scored"
-    return f"not compared with the trial's weights: {verified}"
-
-
-def _model_card(record: dict) -> str:
-    test = record["test"] or {}
-    scores = "\n".join(
-        f"| {name} | {value:.4f} | {format(test[name], '.4f') if name in test else ''} |"
-        for name, value in record["dev"].items()
-    )
-    return f"""# Merged model: study `{record['study']}`, trial {record['trial']}
-
-Made by mergesearch {record['mergesearch_version']} with `{record['recipe']['method']}` merging
-of {', '.join(f'`{n}`' for n in record['parents'])}; config and tokenizer from
-`{record['source_parent']}`.
-
-| objective | dev | test |
-|---|---|---|
-{scores}
-
-Weights sha256 ({record['weights_dtype']}): `{record['weights_sha256']}`
-({_verified(record['weights_verified'])})
-
-The full recipe and parent paths are in `mergesearch_recipe.json`.
-"""

@@ -1,88 +1,43 @@
-"""What a study found: trial counts, baselines, the best trial or the Pareto set.
+"""What a study found, as one JSON-ready dict: trial counts, baselines, the best trial or the
+Pareto set and its knee, every trial's history, the best trials' per-layer weight profiles,
+parameter importances, and why trials were pruned or failed.
 
 Selection uses dev values only; test values are shown beside them for the user to judge.
-For several objectives, `best` is the Pareto set and `selected` is its member with the best
-mean of the (direction-signed) dev objectives: the merge `export best` writes.
+`selected` is what `export --trial best` (one objective) or `--trial knee` (several) writes.
+The HTML page (search/report_page.py) is drawn from this dict alone.
 """
 
 from __future__ import annotations
 
+import logging
+import re
+import warnings
+from collections import Counter
 from typing import Any
 
 import optuna
-from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from mergesearch.errors import StorageError
+from merging.recipe import GeneValue, MergeRecipe, resolve_gene_value
+from search.item_pruning import PRUNED_BY_ATTR
+from search.selection import ranked_best, selected_trial, top_trials
 from search.study import (
     BASELINE_ATTR,
     CONSTRAINTS_ATTR,
     FAIL_REASON_ATTR,
     ITEMS_ATTR,
+    PRUNE_REASON_ATTR,
     dev_objectives,
     feasible,
     stored_spec,
     test_results,
 )
 
+log = logging.getLogger(__name__)
 
-def _signs(study: optuna.Study) -> list[float]:
-    return [1.0 if d == StudyDirection.MAXIMIZE else -1.0 for d in study.directions]
-
-
-def _by_signed_mean(study: optuna.Study, trials) -> list[FrozenTrial]:
-    """Trials by the mean of their direction-signed study values, best first, then number."""
-    signs = _signs(study)
-
-    def key(trial: FrozenTrial) -> tuple[float, int]:
-        signed = sum(s * v for s, v in zip(signs, trial.values, strict=True))
-        return -signed / len(signs), trial.number
-
-    return sorted(trials, key=key)
-
-
-def _dominates(a: FrozenTrial, b: FrozenTrial, signs: list[float]) -> bool:
-    pairs = [(s * x, s * y) for s, x, y in zip(signs, a.values, b.values, strict=True)]
-    return all(x >= y for x, y in pairs) and any(x > y for x, y in pairs)
-
-
-def ranked_best(study: optuna.Study) -> list[FrozenTrial]:
-    """The best feasible trial (one objective) or the feasible Pareto set, best signed dev
-    mean first. Trials that break a constraint are never best."""
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if feasible(t)]
-    ranked = _by_signed_mean(study, complete)
-    if len(study.directions) == 1:
-        return ranked[:1]
-    signs = _signs(study)
-    return [t for t in ranked if not any(_dominates(o, t, signs) for o in complete)]
-
-
-def top_trials(study: optuna.Study, k: int) -> list[FrozenTrial]:
-    """Up to k trials worth a test evaluation: the best (or Pareto set), then runners-up."""
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if feasible(t)]
-    best = ranked_best(study)
-    return (best + _by_signed_mean(study, [t for t in complete if t not in best]))[:k]
-
-
-def select_trial(study: optuna.Study, which: str | int) -> FrozenTrial:
-    """A trial by number, or `best`: the selected merge of the report."""
-    trials = study.get_trials(deepcopy=False)
-    if which == "best":
-        best = ranked_best(study)
-        if not best:
-            raise StorageError(f"study {study.study_name!r} has no complete trial yet")
-        return best[0]
-    number = int(which)
-    if not 0 <= number < len(trials):
-        raise StorageError(f"study {study.study_name!r} has no trial {number} "
-                           f"(trials 0 to {len(trials) - 1})")
-    trial = trials[number]
-    if trial.state != TrialState.COMPLETE:
-        raise StorageError(f"trial {number} of study {study.study_name!r} is "
-                           f"{trial.state.name.lower()}, not complete; choose a complete trial")
-    return trial
+TOP_K = 10  # rows of the top-trials table
+MAX_PROFILES = 12  # lines in the weight-profile figure
+MIXING = ("weight", "t")  # the parameters whose per-layer values the profile draws
 
 
 def baseline_trials(study: optuna.Study) -> dict[str, FrozenTrial]:
@@ -94,20 +49,121 @@ def baseline_trials(study: optuna.Study) -> dict[str, FrozenTrial]:
     return out
 
 
-def _pruning_savings(study: optuna.Study) -> dict[str, int]:
-    """Pruned trials and the dev item evaluations their early stop saved."""
+def _pruning(study: optuna.Study) -> dict[str, Any]:
+    """Pruned trials, the dev item evaluations their early stop saved, and why they stopped."""
     pruned = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
     finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     total = max((t.user_attrs.get(ITEMS_ATTR, 0) for t in finished), default=0)
+    reasons = Counter(_prune_reason(t) for t in pruned)
     return {"pruned": len(pruned),
-            "items_saved": sum(total - t.user_attrs.get(ITEMS_ATTR, total) for t in pruned)}
+            "items_saved": sum(total - t.user_attrs.get(ITEMS_ATTR, total) for t in pruned),
+            "reasons": dict(reasons.most_common())}
+
+
+def _prune_reason(trial: FrozenTrial) -> str:
+    if PRUNE_REASON_ATTR in trial.user_attrs:
+        # the front member's number differs per trial; the reason is the same
+        return re.sub(r"trial \d+ of", "a trial of", trial.user_attrs[PRUNE_REASON_ATTR])
+    if PRUNED_BY_ATTR in trial.user_attrs:  # studies from before the reason was kept
+        return "a trial of the Pareto front dominates it"
+    return "not recorded"
+
+
+def _failures(study: optuna.Study) -> dict[str, Any]:
+    failed = study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+    reasons = Counter((t.user_attrs.get(FAIL_REASON_ATTR) or "not recorded (the worker "
+                       "stopped: killed, or its heartbeat was lost)").splitlines()[0][:300]
+                      for t in failed)
+    return {"count": len(failed), "reasons": dict(reasons.most_common()),
+            "trials": [{"trial": t.number, "reason": t.user_attrs.get(FAIL_REASON_ATTR)}
+                       for t in failed]}
+
+
+def _history(study: optuna.Study, spec) -> list[dict[str, Any]]:
+    """Every trial in order: state, dev objectives when complete, and what it was."""
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        complete = t.state == TrialState.COMPLETE
+        rows.append({"trial": t.number, "state": t.state.name.lower(),
+                     "dev": dev_objectives(t, spec) if complete else None,
+                     "feasible": feasible(t) if complete else None,
+                     "baseline": t.user_attrs.get(BASELINE_ATTR),
+                     "items": t.user_attrs.get(ITEMS_ATTR)})
+    return rows
+
+
+def _layer_values(value: GeneValue, layers: int) -> list[float | None]:
+    """A parameter's value at each layer: the layer's gene, or the mean of its sub-genes
+    (attention, MLP) when the space splits layers by module."""
+    out = []
+    for i in range(layers):
+        gene = f"layers.{i}"
+        if isinstance(value, dict) and gene not in value:
+            parts = [v for k, v in value.items() if k.startswith(gene + ".")]
+            if parts:
+                out.append(sum(parts) / len(parts))
+                continue
+        out.append(resolve_gene_value(value, gene))
+    return out
+
+
+def _layer_count(recipes: list[MergeRecipe]) -> int:
+    found = [int(m.group(1)) for r in recipes
+             for scope in [r.params, *r.model_params.values()]
+             for value in scope.values() if isinstance(value, dict)
+             for key in value if (m := re.match(r"layers\.(\d+)", key))]
+    return max(found) + 1 if found else 0
+
+
+def weight_profiles(trials: list[FrozenTrial]) -> dict[str, Any]:
+    """Per-layer mixing weights of `trials`: one series per trial and model. Of two models
+    whose weights sum to 1 at every layer, only the second is drawn (the first is 1 minus)."""
+    recipes = {t.number: MergeRecipe.from_dict(t.user_attrs["recipe"]) for t in trials
+               if "recipe" in t.user_attrs}
+    layers = _layer_count(list(recipes.values()))
+    series = []
+    for number, recipe in recipes.items():
+        lines = {f"{model} {name}": _layer_values(params[name], layers)
+                 for model, params in recipe.model_params.items() for name in MIXING
+                 if name in params}
+        lines.update({name: _layer_values(recipe.params[name], layers) for name in MIXING
+                      if name in recipe.params})
+        if len(lines) == 2 and len(recipe.model_params) == 2:
+            first, second = lines.values()
+            if all(a is not None and b is not None and abs(a + b - 1) < 1e-9
+                   for a, b in zip(first, second, strict=True)):
+                del lines[next(iter(lines))]
+        series += [{"trial": number, "method": recipe.method, "line": name, "values": values}
+                   for name, values in lines.items()]
+    return {"layers": layers, "series": series}
+
+
+def importances(study: optuna.Study, spec) -> dict[str, Any]:
+    """fANOVA importance of each parameter for each objective (dev values of complete
+    trials), or why it could not be computed."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    names = [o.name for o in spec.objectives]
+    if len(complete) < 3:
+        return {"error": f"{len(complete)} complete trials; importances need at least 3"}
+    values = {t.number: dev_objectives(t, spec) for t in complete}
+    out: dict[str, Any] = {}
+    for name in names:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                ranked = optuna.importance.get_param_importances(
+                    study, target=lambda t, n=name: values[t.number][n],
+                    evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+        except (RuntimeError, ValueError) as e:  # e.g. no parameter is shared by all trials
+            return {"error": str(e)}
+        out[name] = dict(ranked)
+    return out
 
 
 def build_report(study: optuna.Study) -> dict[str, Any]:
     spec = stored_spec(study)
     names = [o.name for o in spec.objectives]
     states = [t.state for t in study.get_trials(deepcopy=False)]
-
     tests = test_results(study)
 
     def entry(trial: FrozenTrial) -> dict[str, Any]:
@@ -118,6 +174,7 @@ def build_report(study: optuna.Study) -> dict[str, Any]:
             "test": test["objectives"] if test else None,
             "recipe": trial.user_attrs.get("recipe"),
             "weights_sha256": trial.user_attrs.get("weights_sha256"),
+            "baseline": trial.user_attrs.get(BASELINE_ATTR),
             **({"constraints": trial.user_attrs.get(CONSTRAINTS_ATTR)} if spec.constraints
                else {}),
         }
@@ -125,10 +182,13 @@ def build_report(study: optuna.Study) -> dict[str, Any]:
     baselines = baseline_trials(study)
     parents = [p.name for p in spec.parents]
     best = ranked_best(study)
+    selected = selected_trial(study)
+    profiled = ([selected] if selected else []) + [t for t in best if t is not selected]
     return {
         "study": study.study_name,
         "objectives": names,
-        "directions": spec.directions,
+        "directions": [o.direction for o in spec.objectives],
+        "combine": spec.combine,
         "trials": {
             "complete": states.count(TrialState.COMPLETE),
             "pruned": states.count(TrialState.PRUNED),
@@ -143,9 +203,12 @@ def build_report(study: optuna.Study) -> dict[str, Any]:
                                                        if b.startswith("warm:"))]
             if name in baselines
         ],
-        "pruning": _pruning_savings(study),
-        "failures": [{"trial": t.number, "reason": t.user_attrs.get(FAIL_REASON_ATTR)}
-                     for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))],
+        "pruning": _pruning(study),
+        "failures": _failures(study),
         "best": [entry(t) for t in best],
-        "selected": best[0].number if best else None,
+        "selected": selected.number if selected else None,
+        "top": [entry(t) for t in top_trials(study, TOP_K)],
+        "history": _history(study, spec),
+        "profiles": weight_profiles(profiled[:MAX_PROFILES]),
+        "importances": importances(study, spec),
     }

@@ -12,7 +12,7 @@ from optuna.trial import TrialState
 from evaluators.engines import HFEngine
 from evaluators.suite import ItemResult, SuiteResult
 from mergesearch.errors import MergesearchError, StorageError
-from search.report import ranked_best, select_trial, top_trials
+from search.selection import ranked_best, select_trial, selected_trial, top_trials
 from search.spec import load_spec
 from search.study import (
     BASELINE_ATTR,
@@ -69,8 +69,8 @@ def score_trials_on_test(storage: str, name: str | None, which: str) -> dict[int
     study = load_study(storage, name)
     spec = stored_spec(study)
     if which in ("best", "pareto"):
-        best = ranked_best(study)
-        numbers = [t.number for t in (best[:1] if which == "best" else best)]
+        chosen = [selected_trial(study)] if which == "best" else ranked_best(study)
+        numbers = [t.number for t in chosen if t is not None]
         if not numbers:
             raise StorageError(f"study {study.study_name!r} has no complete trial yet")
     else:

@@ -44,6 +44,7 @@ OBJECTIVES_ATTR = "objectives"
 CONSTRAINTS_ATTR = "constraints"
 FAIL_REASON_ATTR = "fail_reason"
 ITEMS_ATTR = "items_evaluated"
+PRUNE_REASON_ATTR = "prune_reason"
 TEST_ATTR_PREFIX = "test:"
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # Spec sections that define what a study's trial values mean; the rest may change on resume.
@@ -278,6 +279,7 @@ def _score(bench: Workbench, trial: optuna.Trial, recipe: MergeRecipe,
             return
         why = pruner.check(trial, items)
         if why is not None:
+            trial.set_user_attr(PRUNE_REASON_ATTR, why)
             raise optuna.TrialPruned(f"pruned after {seen} of {bench.items_per_trial} items: "
                                      f"{why}")
 

@@ -69,7 +69,7 @@ def run_demo(out: Path, n_trials: int = 30, echo: Callable[[str], None] = print)
          "the selected merge does NOT beat both parents on the test mean")
 
     export_dir = out / "export"
-    export_trial(study, "best", export_dir, force=True)
+    export_trial(study, "knee", export_dir, force=True)
     echo(f"\nexported trial {selected['trial']} to {export_dir}; generating with transformers")
     item = _first_test_item(out / "probes" / "radiology.jsonl")
     echo(f"findings:   {item['findings']}\nreference:  {item['impression']}\n"
