@@ -165,8 +165,8 @@ def history(report: dict[str, Any]) -> str:
 
 def importances(report: dict[str, Any], top: int = 15) -> str | None:
     """fANOVA importance of the most important parameters, a panel per objective."""
-    found = report["importances"]
-    if "error" in found or not found:
+    found = report["importances"]["objectives"]
+    if not found:
         return None
     fig, axes = _figure(len(found), width=4.6,
                         height=0.9 + 0.28 * min(top, max(len(v) for v in found.values())))

@@ -140,14 +140,19 @@ def weight_profiles(trials: list[FrozenTrial]) -> dict[str, Any]:
 
 def importances(study: optuna.Study, spec) -> dict[str, Any]:
     """fANOVA importance of each parameter for each objective (dev values of complete
-    trials), or why it could not be computed."""
+    trials), and, by objective, why it could not be computed."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     names = [o.name for o in spec.objectives]
+    out: dict[str, Any] = {"objectives": {}, "not_computed": {}}
     if len(complete) < 3:
-        return {"error": f"{len(complete)} complete trials; importances need at least 3"}
+        reason = f"{len(complete)} complete trials; importances need at least 3"
+        out["not_computed"] = dict.fromkeys(names, reason)
+        return out
     values = {t.number: dev_objectives(t, spec) for t in complete}
-    out: dict[str, Any] = {}
     for name in names:
+        if len({v[name] for v in values.values()}) == 1:
+            out["not_computed"][name] = "every complete trial has the same dev value"
+            continue
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -155,8 +160,9 @@ def importances(study: optuna.Study, spec) -> dict[str, Any]:
                     study, target=lambda t, n=name: values[t.number][n],
                     evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
         except (RuntimeError, ValueError) as e:  # e.g. no parameter is shared by all trials
-            return {"error": str(e)}
-        out[name] = dict(ranked)
+            out["not_computed"][name] = str(e)
+            continue
+        out["objectives"][name] = dict(ranked)
     return out
 
 

@@ -48,7 +48,8 @@ def _figures(report: dict[str, Any]) -> list[dict[str, str | None]]:
          "caption": "fANOVA importance of each searched parameter for each objective (dev "
                     "values of complete trials): how much of the objective's variance it "
                     "explains.",
-         "missing": "Not computed: " + str(report["importances"].get("error", ""))},
+         "missing": "Not computed: " + "; ".join(
+             f"{name}: {why}" for name, why in report["importances"]["not_computed"].items())},
     ]
 
 

@@ -5,15 +5,20 @@ from __future__ import annotations
 import json
 import random
 import sys
+import warnings
 from pathlib import Path
 
+import optuna
 import pytest
 import torch
 import yaml
+from optuna.trial import create_trial
 from transformers import LlamaForCausalLM
 
 from search.demo import synthetic
 from search.demo.build import build_tokenizer, save_model, tiny_llama_config
+from search.spec import parse_spec
+from search.study import CONSTRAINTS_ATTR, OBJECTIVES_ATTR, SPEC_ATTR
 
 TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
             num_key_value_heads=1)
@@ -122,3 +127,23 @@ def cli(monkeypatch, capsys):
         out, err = capsys.readouterr()
         return code, out, err
     return run
+
+
+def scored_study(url: str, spec: dict, points, constraints=None, states=()) -> optuna.Study:
+    """A study holding a mergesearch spec and trials with these dev values (constraint values
+    per trial where given), then trials in `states` (failed, pruned) without values."""
+    directions = [o.get("direction", "maximize") for o in spec["objectives"]]
+    study = optuna.create_study(study_name=spec["name"], storage=url, directions=directions)
+    study.set_user_attr(SPEC_ATTR, parse_spec(spec, "test").to_json_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([o["name"] for o in spec["objectives"]])
+    names = [o["name"] for o in spec["objectives"]]
+    for i, values in enumerate(points):
+        attrs = {OBJECTIVES_ATTR: dict(zip(names, values, strict=True))}
+        if constraints is not None:
+            attrs[CONSTRAINTS_ATTR] = [constraints[i]]
+        study.add_trial(create_trial(values=list(values), user_attrs=attrs))
+    for state in states:
+        study.add_trial(create_trial(state=state))
+    return study

@@ -40,6 +40,11 @@ def test_demo_runs_end_to_end_and_refuses_foreign_folders(cli, tmp_path):
     report = json.loads(stdout)
     assert report["trials"]["complete"] == 4
     assert all(b["test"] for b in report["baselines"])
+    assert set(report["importances"]["objectives"]) == {"clinical", "instruction"}
+    page = (out / "report" / "report.html").read_text()
+    assert page.count("<svg") == 4 and f"Trial <b>{report['selected']}</b>" in page
+    code, _, err = cli("demo", "--out", out, "--n-trials", "3")  # again, over the first
+    assert code == 0, err
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     code, _, err = cli("demo", "--out", tmp_path / "mine")

@@ -3,39 +3,15 @@ card and provenance, and export's refusals."""
 
 import hashlib
 import json
-import warnings
 
-import optuna
 import pytest
 import yaml
-from optuna.trial import TrialState, create_trial
+from optuna.trial import TrialState
 
-from search.spec import parse_spec
-from search.study import CONSTRAINTS_ATTR, OBJECTIVES_ATTR, SPEC_ATTR
-from tests.conftest import spec_dict
+from tests.conftest import scored_study, spec_dict
 
 # (clinical, instruction) of a front whose knee is the second point, then a dominated trial
 FRONT = [(0.9, 0.1), (0.8, 0.6), (0.5, 0.75), (0.1, 0.9)]
-
-
-def scored_study(url: str, spec: dict, points, constraints=None, states=()) -> optuna.Study:
-    """A study holding a mergesearch spec and trials with these dev values (constraint values
-    per trial where given), then trials in `states` (failed, pruned) without values."""
-    directions = [o.get("direction", "maximize") for o in spec["objectives"]]
-    study = optuna.create_study(study_name=spec["name"], storage=url, directions=directions)
-    study.set_user_attr(SPEC_ATTR, parse_spec(spec, "test").to_json_dict())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names([o["name"] for o in spec["objectives"]])
-    names = [o["name"] for o in spec["objectives"]]
-    for i, values in enumerate(points):
-        attrs = {OBJECTIVES_ATTR: dict(zip(names, values, strict=True))}
-        if constraints is not None:
-            attrs[CONSTRAINTS_ATTR] = [constraints[i]]
-        study.add_trial(create_trial(values=list(values), user_attrs=attrs))
-    for state in states:
-        study.add_trial(create_trial(state=state))
-    return study
 
 
 @pytest.fixture

@@ -2,8 +2,9 @@
 
 Copies the shipped parents and probe sets into OUT, writes the spec there, runs the study
 (each parent and their average first, then TPE on per-layer weights for both objectives),
-scores the baselines and the best trials on the test split, prints the comparison, exports
-the selected merge to OUT/export and generates with it through plain transformers.
+scores the baselines and the best trials on the test split, prints the comparison, writes
+the report page to OUT/report, exports the selected merge to OUT/export and generates with it
+through plain transformers.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from mergesearch.errors import MergesearchError
 from search.demo.synthetic import RADIOLOGY_PROMPT
 from search.export import export_trial
 from search.report import build_report
+from search.report_page import write_report
 from search.run import format_report, launch_study
 from search.study import load_study
 
 ASSETS = Path(__file__).parent / "assets"
-_DEMO_FILES = ("spec.yaml", "study.db", "models", "probes", "export")
+_DEMO_FILES = ("spec.yaml", "study.db", "study.artifacts", "models", "probes", "export",
+               "report")
 
 
 def _prepare(out: Path) -> Path:
@@ -74,7 +77,9 @@ def run_demo(out: Path, n_trials: int = 30, echo: Callable[[str], None] = print)
     item = _first_test_item(out / "probes" / "radiology.jsonl")
     echo(f"findings:   {item['findings']}\nreference:  {item['impression']}\n"
          f"merged:     {generate_sample(export_dir, RADIOLOGY_PROMPT.format(**item))}")
-    echo(f"\nnext: mergesearch report --storage {storage} --study {report['study']} --json")
+    page, = write_report(report, out / "report")
+    echo(f"\nreport with figures: {page}\n"
+         f"next: mergesearch dashboard --storage {storage}")
     return report
 
 
