@@ -1,20 +1,12 @@
 """`mergesearch dashboard` serves the study locally."""
 
 import json
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 import warnings
 
 import optuna
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.dashboard_server import free_port, start_dashboard
 
 
 def test_dashboard_serves_the_study_on_localhost(tmp_path):
@@ -32,20 +24,10 @@ def test_dashboard_serves_the_study_on_localhost(tmp_path):
                             [{"item_id": "r1", "output": "No acute findings."}], trial)
     study.tell(trial, [0.75, 0.5])
     port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-c", "from search.cli import main; main()", "dashboard", "--storage",
-         url, "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    server = start_dashboard(url, port, tmp_path / "dashboard.log")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies") as r:
-                    studies = json.load(r)["study_summaries"]
-                break
-            except OSError:
-                assert server.poll() is None, server.stdout.read().decode()
-                assert time.monotonic() < deadline, "dashboard did not start"
-                time.sleep(0.5)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies") as r:
+            studies = json.load(r)["study_summaries"]
         assert [s["study_name"] for s in studies] == ["shown"]
         study_id = studies[0]["study_id"]
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies/{study_id}") as r:
