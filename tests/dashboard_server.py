@@ -16,13 +16,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_dashboard(url: str, port: int, log: Path, timeout: float = 60) -> subprocess.Popen:
-    """`mergesearch dashboard --storage URL --port PORT`, its output in `log`; returns once
-    the server answers on http://127.0.0.1:PORT. The caller terminates it."""
+def start_dashboard(url: str, port: int, log: Path, *options: str, timeout: float = 60
+                    ) -> subprocess.Popen:
+    """`mergesearch dashboard --storage URL --port PORT [OPTIONS]`, its output in `log`;
+    returns once the server answers on http://127.0.0.1:PORT. The caller terminates it."""
     with open(log, "wb") as out:  # the child keeps its own copy of the descriptor
         server = subprocess.Popen(
             [sys.executable, "-c", "from search.cli import main; main()", "dashboard",
-             "--storage", url, "--port", str(port)], stdout=out, stderr=subprocess.STDOUT)
+             "--storage", url, "--port", str(port), *options], stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
     while True:
         try:

@@ -42,3 +42,14 @@ def test_dashboard_serves_the_study_on_localhost(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+def test_dashboard_serves_other_hosts_only_when_asked_and_warns(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    optuna.create_study(study_name="shown", storage=url)
+    port = free_port()
+    server = start_dashboard(url, port, tmp_path / "dashboard.log", "--host", "0.0.0.0")
+    server.terminate()
+    server.wait(timeout=10)
+    log = (tmp_path / "dashboard.log").read_text()
+    assert "warning: serving on 0.0.0.0: anyone who can reach it sees the study" in log
