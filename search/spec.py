@@ -8,6 +8,7 @@ same file system.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -67,7 +68,7 @@ class MergeSpec(_Strict):
         "each method that has the parameter, and `METHOD.PARAM` to one method alone")
     source: str | None = Field(
         None, description="parent whose config, tokenizer and chat template the merge uses "
-        "(default: the last parent)"
+        "(default: the last parent with a chat template, else the last parent)"
     )
     warm_start: list[Path] = Field(
         default_factory=list, description="recipes tried first, beside the parents and their "
@@ -297,8 +298,11 @@ class StudySpec(_Strict):
 
     @property
     def source_parent(self) -> ModelRef:
-        name = self.merge.source or self.parents[-1].name
-        return next(p for p in self.parents if p.name == name)
+        """The parent whose config, tokenizer and chat template the merge uses: `merge.source`,
+        else the last parent with a chat template (the instruct model), else the last."""
+        if self.merge.source:
+            return next(p for p in self.parents if p.name == self.merge.source)
+        return ([p for p in self.parents if has_chat_template(p.path)] or self.parents)[-1]
 
     @property
     def directions(self) -> list[str]:
@@ -329,6 +333,17 @@ class StudySpec(_Strict):
 
     def to_json_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def has_chat_template(folder: Path) -> bool:
+    """Whether a model folder's tokenizer carries a chat template (its own file, or a key of
+    tokenizer_config.json as older transformers wrote it)."""
+    if (folder / "chat_template.jinja").is_file():
+        return True
+    try:
+        return "chat_template" in json.loads((folder / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def _unique(what: str, names: list[str]) -> None:

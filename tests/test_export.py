@@ -135,3 +135,26 @@ def test_model_card_shows_recipe_scores_and_provenance(cli, write_spec, parents,
     mergekit = (out / "mergekit_config.yml").read_text()
     assert f"```yaml\n{mergekit}```" in card
     assert (out / "generation_config.json").is_file()
+
+
+def test_source_defaults_to_the_last_parent_with_a_chat_template(parents, probe_files,
+                                                                 tmp_path):
+    import shutil
+
+    from search.spec import parse_spec
+
+    plain = tmp_path / "clinical-no-template"
+    shutil.copytree(parents["clinical"], plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+
+    spec = spec_dict({"clinical": plain, "instruct": parents["instruct"]}, probe_files)
+    spec["parents"].reverse()  # instruct first: the default is not merely the last
+    assert parse_spec(spec, "test").source_parent.name == "instruct"
+    both = spec_dict(parents, probe_files)
+    both["parents"].reverse()
+    assert parse_spec(both, "test").source_parent.name == "clinical"  # both have one: last
+    both["merge"]["source"] = "instruct"
+    assert parse_spec(both, "test").source_parent.name == "instruct"
