@@ -35,7 +35,9 @@ from search.study import dev_objectives, recipe_of, stored_spec, test_results, v
 from storage.records import RecordStore
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
-_SKIP = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "README.md"}
+# the source's own index and, where it is itself an export, its card and provenance
+_SKIP = {"model.safetensors.index.json", "pytorch_model.bin.index.json", "README.md",
+         "mergesearch_recipe.json", "mergekit_config.yml"}
 
 
 def _copy_model_files(source: Path, dest: Path) -> None:

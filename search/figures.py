@@ -38,6 +38,17 @@ def _figure(panels: int, width: float = 5.2, height: float = 3.6) -> tuple[Figur
     return fig, list(axes)
 
 
+def baseline_label(report: dict[str, Any]):
+    """How a baseline is named: a parent, the uniform average, or a warm start."""
+    def label(name: str) -> str:
+        if name == "uniform":
+            return "uniform average"
+        if name in report["parents"]:
+            return f"parent {name}"
+        return f"warm start {name.removeprefix('warm:')}"
+    return label
+
+
 def _sign(report: dict, name: str) -> float:
     return 1.0 if report["directions"][report["objectives"].index(name)] == "maximize" else -1.0
 
@@ -53,12 +64,13 @@ def pareto(report: dict[str, Any]) -> str | None:
     """Dev objectives against each other: every complete trial, the feasible front, the
     parents, the uniform average and the selected trial marked."""
     names = report["objectives"]
-    if len(names) < 2:
+    complete = [h for h in report["history"] if h["dev"]]
+    if len(names) < 2 or not complete:
         return None
     pairs = list(itertools.combinations(names, 2))[:3]
     fig, axes = _figure(len(pairs), width=8.0, height=5.0)
-    complete = [h for h in report["history"] if h["dev"]]
     baselines = {b["trial"]: b["name"] for b in report["baselines"]}
+    label = baseline_label(report)
     for ax, (x, y) in zip(axes, pairs, strict=True):
         ok = [(h["dev"][x], h["dev"][y]) for h in complete if h["feasible"]]
         bad = [(h["dev"][x], h["dev"][y]) for h in complete if not h["feasible"]]
@@ -78,9 +90,8 @@ def pareto(report: dict[str, Any]) -> str | None:
             if name is None:
                 continue
             marker = "P" if name == "uniform" else next(markers, "o")
-            label = "uniform average" if name == "uniform" else f"parent: {name}"
             ax.scatter(h["dev"][x], h["dev"][y], s=70, marker=marker, color="#2ca02c",
-                       edgecolor="black", linewidth=0.6, label=label, zorder=4)
+                       edgecolor="black", linewidth=0.6, label=label(name), zorder=4)
             ax.annotate(name, (h["dev"][x], h["dev"][y]), xytext=(6, 6), fontsize=9,
                         textcoords="offset points", color="#1b5e20")
         chosen = next((h for h in complete if h["trial"] == report["selected"]), None)

@@ -93,17 +93,15 @@ def _history(study: optuna.Study, spec) -> list[dict[str, Any]]:
 
 
 def _layer_values(value: GeneValue, layers: int) -> list[float | None]:
-    """A parameter's value at each layer: the layer's gene, or the mean of its sub-genes
-    (attention, MLP) when the space splits layers by module."""
+    """A parameter's value at each layer: the mean of its attention and MLP genes where the
+    space splits layers by module (the bare layer gene then only covers the layer's norms),
+    else the layer's gene."""
     out = []
     for i in range(layers):
         gene = f"layers.{i}"
-        if isinstance(value, dict) and gene not in value:
-            parts = [v for k, v in value.items() if k.startswith(gene + ".")]
-            if parts:
-                out.append(sum(parts) / len(parts))
-                continue
-        out.append(resolve_gene_value(value, gene))
+        parts = ([v for k, v in value.items() if k.startswith(gene + ".")]
+                 if isinstance(value, dict) else [])
+        out.append(sum(parts) / len(parts) if parts else resolve_gene_value(value, gene))
     return out
 
 
@@ -128,14 +126,24 @@ def weight_profiles(trials: list[FrozenTrial]) -> dict[str, Any]:
                  if name in params}
         lines.update({name: _layer_values(recipe.params[name], layers) for name in MIXING
                       if name in recipe.params})
-        if len(lines) == 2 and len(recipe.model_params) == 2:
-            first, second = lines.values()
-            if all(a is not None and b is not None and abs(a + b - 1) < 1e-9
-                   for a, b in zip(first, second, strict=True)):
-                del lines[next(iter(lines))]
         series += [{"trial": number, "method": recipe.method, "line": name, "values": values}
                    for name, values in lines.items()]
+    names = list(dict.fromkeys(s["line"] for s in series))
+    if len(names) == 2 and _complementary(series, *names):
+        series = [s for s in series if s["line"] != names[0]]
     return {"layers": layers, "series": series}
+
+
+def _complementary(series: list[dict], first: str, second: str) -> bool:
+    """Whether every trial's `first` and `second` lines sum to 1 at every layer."""
+    by_trial: dict[int, dict[str, list]] = {}
+    for s in series:
+        by_trial.setdefault(s["trial"], {})[s["line"]] = s["values"]
+    return all(
+        first in lines and second in lines
+        and all(a is not None and b is not None and abs(a + b - 1) < 1e-9
+                for a, b in zip(lines[first], lines[second], strict=True))
+        for lines in by_trial.values())
 
 
 def importances(study: optuna.Study, spec) -> dict[str, Any]:
@@ -189,10 +197,12 @@ def build_report(study: optuna.Study) -> dict[str, Any]:
     parents = [p.name for p in spec.parents]
     best = ranked_best(study)
     selected = selected_trial(study)
-    profiled = ([selected] if selected else []) + [t for t in best if t is not selected]
+    profiled = ([selected] if selected else []) + [t for t in best
+                                                   if t.number != selected.number]
     return {
         "study": study.study_name,
         "objectives": names,
+        "parents": parents,
         "directions": [o.direction for o in spec.objectives],
         "combine": spec.combine,
         "trials": {

@@ -35,7 +35,8 @@ def _figures(report: dict[str, Any]) -> list[dict[str, str | None]]:
          "caption": "Dev objectives of every complete trial. The line joins the feasible "
                     "trials no other feasible trial beats on every objective; green marks "
                     "the parents and their uniform average; the star is the selected merge.",
-         "missing": "One objective: no front to draw."},
+         "missing": ("One objective: no front to draw." if len(report["objectives"]) < 2
+                     else "No complete trial yet.")},
         {"title": "Per-layer weight profile", "svg": figures.weight_profile(report),
          "caption": "The mixing weight each layer takes in the selected trial (bold) and "
                     "the other best trials: where along the depth each parent is kept.",
@@ -57,14 +58,12 @@ def render(report: dict[str, Any]) -> str:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
                              trim_blocks=True, lstrip_blocks=True,
                              undefined=jinja2.StrictUndefined)
-    parents = {b["name"] for b in report["baselines"]} - {"uniform"}
     selected = next((t for t in report["best"] + report["top"]
                      if t["trial"] == report["selected"]), None)
     return env.get_template("report.html.j2").render(
         r=report, selected=selected, how=_how_chosen(report), figures=_figures(report),
         front={t["trial"] for t in report["best"]}, fmt=_fmt,
-        label=lambda name: ("uniform average" if name == "uniform" else
-                            f"parent {name}" if name in parents else name),
+        label=figures.baseline_label(report),
         version=metadata.version("mergesearch"))
 
 
@@ -85,10 +84,10 @@ def write_report(report: dict[str, Any], out: Path, as_json: bool = False) -> li
     """report.html (and report.json with `as_json`) in `out`; returns the paths written."""
     if out.exists() and not out.is_dir():
         raise MergesearchError(f"--out {out} is a file, not a folder; choose another")
-    out.mkdir(parents=True, exist_ok=True)
-    written = [out / "report.html"]
-    _write(written[0], render(report))
+    files = {"report.html": render(report)}  # drawn before anything is written
     if as_json:
-        written.append(out / "report.json")
-        _write(written[1], json.dumps(report, indent=2) + "\n")
-    return written
+        files["report.json"] = json.dumps(report, indent=2) + "\n"
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        _write(out / name, text)
+    return [out / name for name in files]

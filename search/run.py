@@ -41,6 +41,8 @@ def launch_study(spec_path: Path, storage: str | None = None, name: str | None =
     spec = load_spec(spec_path)
     storage = storage or spec.storage
     spec.artifacts = spec.artifacts or default_artifact_dir(storage, spec_path.parent.resolve())
+    # stored resolved: the default reads the parents' folders, which may change later
+    spec.merge.source = spec.source_parent.name
     bench = Workbench.prepare(spec)  # every user mistake surfaces before storage is touched
     try:
         study = create_or_resume(spec, storage, name or spec.name)

@@ -16,6 +16,8 @@ from optuna.trial import FrozenTrial, TrialState
 from mergesearch.errors import MergesearchError, StorageError
 from search.study import dev_objectives, feasible, stored_spec
 
+TIE_DIGITS = 9  # scores such as k/N tie exactly in arithmetic but not in floats
+
 
 def _signs(study: optuna.Study) -> list[float]:
     return [1.0 if d == StudyDirection.MAXIMIZE else -1.0 for d in study.directions]
@@ -27,7 +29,7 @@ def _by_signed_mean(study: optuna.Study, trials) -> list[FrozenTrial]:
 
     def key(trial: FrozenTrial) -> tuple[float, int]:
         signed = sum(s * v for s, v in zip(signs, trial.values, strict=True))
-        return -signed / len(signs), trial.number
+        return -round(signed / len(signs), TIE_DIGITS), trial.number
 
     return sorted(trials, key=key)
 
@@ -61,19 +63,20 @@ def ranked_best(study: optuna.Study) -> list[FrozenTrial]:
 def knee(study: optuna.Study, front: list[FrozenTrial]) -> FrozenTrial:
     """The front member where the trade-off turns: with each objective scaled to [0, 1] over
     the front (1 the best), the member with the largest sum. For two objectives that is the
-    member farthest from the line joining the front's two ends. Ties go to the better signed
-    mean, then the lower number."""
+    member farthest beyond the line joining the front's two ends (an end, when no member
+    lies beyond it). Ties go to the better signed mean, then the lower number."""
     signs = _signs(study)
-    signed = [[s * v for s, v in zip(signs, t.values, strict=True)] for t in front]
-    lows = [min(column) for column in zip(*signed, strict=True)]
-    highs = [max(column) for column in zip(*signed, strict=True)]
+    signed = {t.number: [s * v for s, v in zip(signs, t.values, strict=True)] for t in front}
+    lows = [min(column) for column in zip(*signed.values(), strict=True)]
+    highs = [max(column) for column in zip(*signed.values(), strict=True)]
 
-    def scaled_sum(values: list[float]) -> float:
-        return sum((v - lo) / (hi - lo) for v, lo, hi in zip(values, lows, highs, strict=True)
-                   if hi > lo)
+    def scaled_sum(trial: FrozenTrial) -> float:
+        return round(sum((v - lo) / (hi - lo) for v, lo, hi
+                         in zip(signed[trial.number], lows, highs, strict=True) if hi > lo),
+                     TIE_DIGITS)
 
-    ranked = _by_signed_mean(study, front)  # ties: the stable sort keeps this order
-    return max(ranked, key=lambda t: scaled_sum(signed[front.index(t)]))
+    ranked = _by_signed_mean(study, front)  # ties: max keeps the first of this order
+    return max(ranked, key=scaled_sum)
 
 
 def selected_trial(study: optuna.Study) -> FrozenTrial | None:
@@ -85,10 +88,14 @@ def selected_trial(study: optuna.Study) -> FrozenTrial | None:
 
 
 def top_trials(study: optuna.Study, k: int) -> list[FrozenTrial]:
-    """Up to k trials worth a test evaluation: the best (or Pareto set), then runners-up."""
+    """Up to k trials worth a test evaluation: the selected trial (best or knee), the rest of
+    the Pareto set, then runners-up."""
     best = ranked_best(study)
-    rest = [t for t in feasible_complete(study) if t not in best]
-    return (best + _by_signed_mean(study, rest))[:k]
+    chosen = selected_trial(study)
+    ranked = ([chosen] if chosen else []) + [t for t in best if t.number != chosen.number]
+    on_front = {t.number for t in best}
+    rest = [t for t in feasible_complete(study) if t.number not in on_front]
+    return (ranked + _by_signed_mean(study, rest))[:k]
 
 
 @dataclass

@@ -42,6 +42,8 @@ def test_dashboard_serves_the_study_on_localhost(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=10)
+    log = (tmp_path / "dashboard.log").read_text()
+    assert f"dashboard on http://127.0.0.1:{port}/" in log and "warning" not in log
 
 
 def test_dashboard_serves_other_hosts_only_when_asked_and_warns(tmp_path):

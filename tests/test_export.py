@@ -36,6 +36,19 @@ def test_knee_is_the_front_member_farthest_from_the_line_joining_its_ends(spec, 
     assert select_trial(flipped, "knee").number == 1
 
 
+def test_knee_ties_follow_the_documented_order_and_lead_the_test_candidates(spec, url):
+    from search.selection import select_trial, top_trials
+
+    # trials 2 and 3 both have scaled sum 1.07 and mean 0.535 (not in floats): lower number
+    study = scored_study(url, spec, [(1.0, 0.0), (0.0, 1.0), (0.12, 0.95), (0.08, 0.99)])
+    assert select_trial(study, "knee").number == 2
+    # the knee (1) is not the member with the best mean (4): it is scored on test first
+    lopsided = scored_study(f"{url}-2", {**spec, "name": "lopsided"},
+                            [(0.10, 0.0), (0.08, 0.6), (0.02, 0.95), (0.01, 0.97), (0.0, 1.0)])
+    assert select_trial(lopsided, "knee").number == 1
+    assert [t.number for t in top_trials(lopsided, 3)] == [1, 4, 3]
+
+
 def test_rules_pick_among_feasible_trials_by_dev_values(spec, url, cli, tmp_path):
     from search.selection import Rule, select_trial
 

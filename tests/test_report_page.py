@@ -91,9 +91,10 @@ def _trial(model_params: dict, params: dict | None = None):
     ({"a": {"weight": {"layers.0": 0.25, "layers.1": 0.5}},
       "b": {"weight": {"layers.0": 0.75, "layers.1": 0.5}}}, {},
      {"b weight": [0.75, 0.5]}),
-    # split by module: a layer's value is the mean of its attention and MLP genes; a gene
-    # missing from one layer falls back to `*`
-    ({"a": {"weight": {"layers.0.attn": 0.2, "layers.0.mlp": 0.4, "layers.1.attn": 1.0}},
+    # split by module: a layer's value is the mean of its attention and MLP genes (the bare
+    # layer gene covers its norms only); a gene missing from one layer falls back to `*`
+    ({"a": {"weight": {"layers.0": 0.9, "layers.0.attn": 0.2, "layers.0.mlp": 0.4,
+                       "layers.1.attn": 1.0}},
       "b": {"weight": {"layers.1": 0.0, "*": 0.5}}}, {},
      {"a weight": [pytest.approx(0.3), 1.0], "b weight": [0.5, 0.0]}),
     # slerp's t is recipe-wide
