@@ -29,7 +29,7 @@ from merging.materializer import WeightsHash
 from merging.mergekit_config import to_mergekit_config
 from search import model_card
 from search.model_card import file_hashes, software_versions
-from search.report import baseline_trials
+from search.report import baseline_scores
 from search.selection import Rule, select_trial
 from search.study import dev_objectives, recipe_of, stored_spec, test_results, verify_weights
 from storage.records import RecordStore
@@ -168,9 +168,8 @@ def export_trial(study: optuna.Study, which: str | int | Rule, out_dir: Path, fo
     parents = Parents(paths)
     digest = WeightsHash()
     tests = test_results(study)
-    baselines = {name: {"trial": t.number, "dev": dev_objectives(t, spec),
-                        "test": tests.get(t.number, {}).get("objectives")}
-                 for name, t in baseline_trials(study).items()}
+    baselines = {b["name"]: {k: b[k] for k in ("trial", "dev", "test")}
+                 for b in baseline_scores(study, spec, tests)}
     record = {
         "study": study.study_name,
         "trial": trial.number,

@@ -14,6 +14,8 @@ import matplotlib
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from search.selection import dominates
+
 PARENT_MARKERS = "s^Dv<>p"
 MUTED, ACCENT, FRONT = "#9aa5b1", "#d62728", "#1f77b4"
 LINES = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
@@ -55,9 +57,7 @@ def _sign(report: dict, name: str) -> float:
 
 def _front(points: list[tuple[float, float]], sx: float, sy: float) -> list[tuple[float, float]]:
     """The non-dominated points (signs: 1 to maximise), along the x axis."""
-    def dominated(p):
-        return any(sx * q[0] >= sx * p[0] and sy * q[1] >= sy * p[1] and q != p for q in points)
-    return sorted({p for p in points if not dominated(p)})
+    return sorted({p for p in points if not any(dominates(q, p, (sx, sy)) for q in points)})
 
 
 def pareto(report: dict[str, Any]) -> str | None:

@@ -20,7 +20,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from merging.recipe import GeneValue, MergeRecipe, resolve_gene_value
 from search.item_pruning import PRUNED_BY_ATTR
-from search.selection import ranked_best, selected_trial, top_trials
+from search.selection import ranked_best, recommended, top_trials
 from search.study import (
     BASELINE_ATTR,
     CONSTRAINTS_ATTR,
@@ -47,6 +47,18 @@ def baseline_trials(study: optuna.Study) -> dict[str, FrozenTrial]:
         if BASELINE_ATTR in trial.user_attrs:
             out[trial.user_attrs[BASELINE_ATTR]] = trial
     return out
+
+
+def baseline_scores(study: optuna.Study, spec, tests: dict[int, dict]) -> list[dict[str, Any]]:
+    """Each baseline's trial and dev and test objectives: the parents in the spec's order,
+    the uniform average, then warm starts. `tests` is `test_results(study)`."""
+    found = baseline_trials(study)
+    order = [*(p.name for p in spec.parents), "uniform",
+             *sorted(name for name in found if name.startswith("warm:"))]
+    return [{"name": name, "trial": found[name].number,
+             "dev": dev_objectives(found[name], spec),
+             "test": tests.get(found[name].number, {}).get("objectives")}
+            for name in order if name in found]
 
 
 def _pruning(study: optuna.Study) -> dict[str, Any]:
@@ -113,37 +125,39 @@ def _layer_count(recipes: list[MergeRecipe]) -> int:
     return max(found) + 1 if found else 0
 
 
+def _mixing_lines(recipe: MergeRecipe, layers: int) -> dict[str, list[float | None]]:
+    """The recipe's mixing parameters per layer: `MODEL weight` per model, or slerp's `t`."""
+    lines = {f"{model} {name}": _layer_values(params[name], layers)
+             for model, params in recipe.model_params.items() for name in MIXING
+             if name in params}
+    lines.update({name: _layer_values(recipe.params[name], layers) for name in MIXING
+                  if name in recipe.params})
+    return lines
+
+
+def _sum_to_one(first: list[float | None] | None, second: list[float | None] | None) -> bool:
+    return first is not None and second is not None and all(
+        a is not None and b is not None and abs(a + b - 1) < 1e-9
+        for a, b in zip(first, second, strict=True))
+
+
 def weight_profiles(trials: list[FrozenTrial]) -> dict[str, Any]:
     """Per-layer mixing weights of `trials`: one series per trial and model. Of two models
-    whose weights sum to 1 at every layer, only the second is drawn (the first is 1 minus)."""
+    whose weights sum to 1 at every layer in every trial, only the second is drawn (the
+    first is 1 minus it)."""
     recipes = {t.number: MergeRecipe.from_dict(t.user_attrs["recipe"]) for t in trials
                if "recipe" in t.user_attrs}
     layers = _layer_count(list(recipes.values()))
-    series = []
-    for number, recipe in recipes.items():
-        lines = {f"{model} {name}": _layer_values(params[name], layers)
-                 for model, params in recipe.model_params.items() for name in MIXING
-                 if name in params}
-        lines.update({name: _layer_values(recipe.params[name], layers) for name in MIXING
-                      if name in recipe.params})
-        series += [{"trial": number, "method": recipe.method, "line": name, "values": values}
-                   for name, values in lines.items()]
-    names = list(dict.fromkeys(s["line"] for s in series))
-    if len(names) == 2 and _complementary(series, *names):
-        series = [s for s in series if s["line"] != names[0]]
+    lines = {number: _mixing_lines(recipe, layers) for number, recipe in recipes.items()}
+    names = list(dict.fromkeys(name for drawn in lines.values() for name in drawn))
+    redundant = (names[0] if len(names) == 2 and all(
+        _sum_to_one(drawn.get(names[0]), drawn.get(names[1])) for drawn in lines.values())
+        else None)
+    series = [{"trial": number, "method": recipes[number].method, "line": name,
+               "values": values}
+              for number, drawn in lines.items() for name, values in drawn.items()
+              if name != redundant]
     return {"layers": layers, "series": series}
-
-
-def _complementary(series: list[dict], first: str, second: str) -> bool:
-    """Whether every trial's `first` and `second` lines sum to 1 at every layer."""
-    by_trial: dict[int, dict[str, list]] = {}
-    for s in series:
-        by_trial.setdefault(s["trial"], {})[s["line"]] = s["values"]
-    return all(
-        first in lines and second in lines
-        and all(a is not None and b is not None and abs(a + b - 1) < 1e-9
-                for a, b in zip(lines[first], lines[second], strict=True))
-        for lines in by_trial.values())
 
 
 def importances(study: optuna.Study, spec) -> dict[str, Any]:
@@ -193,10 +207,9 @@ def build_report(study: optuna.Study) -> dict[str, Any]:
                else {}),
         }
 
-    baselines = baseline_trials(study)
     parents = [p.name for p in spec.parents]
     best = ranked_best(study)
-    selected = selected_trial(study)
+    selected = recommended(study, best)
     profiled = ([selected] if selected else []) + [t for t in best
                                                    if t.number != selected.number]
     return {
@@ -205,6 +218,7 @@ def build_report(study: optuna.Study) -> dict[str, Any]:
         "parents": parents,
         "directions": [o.direction for o in spec.objectives],
         "combine": spec.combine,
+        "pareto": len(study.directions) > 1,  # a front and its knee, not one best
         "trials": {
             "complete": states.count(TrialState.COMPLETE),
             "pruned": states.count(TrialState.PRUNED),
@@ -212,13 +226,7 @@ def build_report(study: optuna.Study) -> dict[str, Any]:
             "running": states.count(TrialState.RUNNING),
             "waiting": states.count(TrialState.WAITING),
         },
-        "baselines": [
-            {"name": name, **{k: v for k, v in entry(baselines[name]).items()
-                              if k in ("trial", "dev", "test")}}
-            for name in [*parents, "uniform", *sorted(b for b in baselines
-                                                       if b.startswith("warm:"))]
-            if name in baselines
-        ],
+        "baselines": baseline_scores(study, spec, tests),
         "pruning": _pruning(study),
         "failures": _failures(study),
         "best": [entry(t) for t in best],

@@ -23,7 +23,7 @@ def _fmt(values: dict[str, float] | None, name: str) -> str:
 
 
 def _how_chosen(report: dict[str, Any]) -> str:
-    if len(report["objectives"]) > 1 and report["combine"] != "weighted":
+    if report["pareto"]:
         return ("the knee of the feasible Pareto front: with each objective scaled to [0, 1] "
                 "over the front, the member with the largest sum")
     return "the feasible trial with the best dev value"

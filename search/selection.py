@@ -7,6 +7,7 @@ make it), and never picks a trial that breaks a constraint.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import optuna
@@ -34,8 +35,10 @@ def _by_signed_mean(study: optuna.Study, trials) -> list[FrozenTrial]:
     return sorted(trials, key=key)
 
 
-def _dominates(a: FrozenTrial, b: FrozenTrial, signs: list[float]) -> bool:
-    pairs = [(s * x, s * y) for s, x, y in zip(signs, a.values, b.values, strict=True)]
+def dominates(a: Sequence[float], b: Sequence[float], signs: Sequence[float]) -> bool:
+    """Whether values `a` are at least as good as `b` everywhere and better somewhere (a sign
+    is 1 for an objective to maximise, -1 to minimise)."""
+    pairs = [(s * x, s * y) for s, x, y in zip(signs, a, b, strict=True)]
     return all(x >= y for x, y in pairs) and any(x > y for x, y in pairs)
 
 
@@ -48,16 +51,20 @@ def _front(study: optuna.Study, trials: list[FrozenTrial]) -> list[FrozenTrial]:
     """The trials no other of `trials` dominates, best signed dev mean first."""
     signs = _signs(study)
     return [t for t in _by_signed_mean(study, trials)
-            if not any(_dominates(o, t, signs) for o in trials)]
+            if not any(dominates(o.values, t.values, signs) for o in trials)]
+
+
+def _best_of(study: optuna.Study, trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The best of `trials` (one objective) or their Pareto set, best signed dev mean first."""
+    if len(study.directions) == 1:
+        return _by_signed_mean(study, trials)[:1]
+    return _front(study, trials)
 
 
 def ranked_best(study: optuna.Study) -> list[FrozenTrial]:
     """The best feasible trial (one objective) or the feasible Pareto set, best signed dev
     mean first."""
-    complete = feasible_complete(study)
-    if len(study.directions) == 1:
-        return _by_signed_mean(study, complete)[:1]
-    return _front(study, complete)
+    return _best_of(study, feasible_complete(study))
 
 
 def knee(study: optuna.Study, front: list[FrozenTrial]) -> FrozenTrial:
@@ -79,19 +86,23 @@ def knee(study: optuna.Study, front: list[FrozenTrial]) -> FrozenTrial:
     return max(ranked, key=scaled_sum)
 
 
-def selected_trial(study: optuna.Study) -> FrozenTrial | None:
-    """What the report recommends: the best trial, or the knee of the feasible front."""
-    best = ranked_best(study)
+def recommended(study: optuna.Study, best: list[FrozenTrial]) -> FrozenTrial | None:
+    """Of `best` (as `_best_of` ranks it): the best trial, or the knee of the Pareto set."""
     if not best:
         return None
     return best[0] if len(study.directions) == 1 else knee(study, best)
+
+
+def selected_trial(study: optuna.Study) -> FrozenTrial | None:
+    """What the report recommends: the best trial, or the knee of the feasible front."""
+    return recommended(study, ranked_best(study))
 
 
 def top_trials(study: optuna.Study, k: int) -> list[FrozenTrial]:
     """Up to k trials worth a test evaluation: the selected trial (best or knee), the rest of
     the Pareto set, then runners-up."""
     best = ranked_best(study)
-    chosen = selected_trial(study)
+    chosen = recommended(study, best)
     ranked = ([chosen] if chosen else []) + [t for t in best if t.number != chosen.number]
     on_front = {t.number for t in best}
     rest = [t for t in feasible_complete(study) if t.number not in on_front]
@@ -159,8 +170,7 @@ def _pick_by_rule(study: optuna.Study, rule: Rule) -> FrozenTrial:
         raise MergesearchError(f"no complete feasible trial has {rule.describe()} on dev"
                                + (f" ({near})" if near else ""))
     if rule.optimise is None:
-        best = _front(study, admitted)
-        return best[0] if len(study.directions) == 1 else knee(study, best)
+        return recommended(study, _best_of(study, admitted))
     name, maximise = rule.optimise
     # the named objective first; ties by the other objectives' signed mean, then number
     ranked = _by_signed_mean(study, admitted)
