@@ -83,21 +83,40 @@ def load_tensors(folder: Path) -> Tensors:
     return tensors
 
 
+def _header(data: bytes | mmap.mmap) -> tuple[int, dict]:
+    """(offset of the tensor data, {name: {dtype, shape, data_offsets}}) of a safetensors
+    file whose first bytes are `data`."""
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + header_len])
+    header.pop("__metadata__", None)
+    return 8 + header_len, header
+
+
+def tensor_shapes(folder: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Every tensor's dtype and shape, read from the files' headers alone."""
+    shapes = {}
+    for path in safetensors_files(folder):
+        with open(path, "rb") as f:
+            length = f.read(8)
+            _, header = _header(length + f.read(struct.unpack("<Q", length)[0]))
+        shapes.update({name: (_SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]))
+                       for name, info in header.items()})
+    return shapes
+
+
 def map_tensors(folder: Path) -> Tensors:
     """Tensors that view memory-mapped safetensors files (copy-on-write, never written)."""
     tensors: Tensors = {}
     for path in safetensors_files(folder):
         with open(path, "rb") as f:
             mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-        (header_len,) = struct.unpack("<Q", mapped[:8])
-        header = json.loads(mapped[8 : 8 + header_len])
-        header.pop("__metadata__", None)
+        data_start, header = _header(mapped)
         for name, info in header.items():
             dtype = _SAFETENSORS_DTYPES[info["dtype"]]
             start, end = info["data_offsets"]
             count = (end - start) // dtype.itemsize
             flat = torch.frombuffer(mapped, dtype=dtype, count=count,
-                                    offset=8 + header_len + start) if count else \
+                                    offset=data_start + start) if count else \
                 torch.empty(0, dtype=dtype)
             tensors[name] = flat.reshape(info["shape"])
     return tensors

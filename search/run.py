@@ -9,7 +9,6 @@ from typing import Any
 
 from optuna.trial import TrialState
 
-from evaluators.engines import HFEngine
 from evaluators.suite import ItemResult, SuiteResult
 from mergesearch.errors import MergesearchError, StorageError
 from search.selection import ranked_best, select_trial, selected_trial, top_trials
@@ -27,7 +26,7 @@ from search.study import (
     stored_spec,
     test_results,
 )
-from search.workbench import Workbench, build_suite
+from search.workbench import Workbench, build_suite, start_engine
 from storage.artifacts import default_artifact_dir
 
 log = logging.getLogger(__name__)
@@ -110,7 +109,7 @@ def evaluate_model(spec_path: Path, model: Path, split: str,
     """Score `model` on the spec's probes; `on_items` gets each chunk's results as they come."""
     spec = load_spec(spec_path)
     suite = build_suite(spec)
-    engine = HFEngine(model, spec.engine.device, spec.engine.dtype, spec.engine.batch_size)
+    engine = start_engine(spec, model)
     try:
         return suite.evaluate(engine, split, spec.evaluation.chunk_size, on_items)
     finally:

@@ -198,14 +198,51 @@ class BudgetSpec(_Strict):
     timeout: float | None = Field(None, gt=0, description="seconds")
 
 
+VLLM_ONLY = ("max_model_len", "gpu_memory_utilization", "kv_cache_memory_bytes",
+             "enforce_eager", "tensor_parallel_size", "seed", "enable_prefix_caching")
+HF_ONLY = ("batch_size",)
+
+
 class EngineSpec(_Strict):
-    kind: Literal["hf"] = "hf"
-    device: str = "auto"
+    """The engine that scores candidates: `hf` (transformers, CPU or GPU) or `vllm` (one
+    warm vLLM engine per worker on a GPU, merged weights swapped in place). Settings that only
+    one kind reads are refused under the other."""
+
+    kind: Literal["hf", "vllm"] = "hf"
+    device: str = Field("auto", description="hf: a torch device; vllm: auto or cuda (choose "
+                        "GPUs with CUDA_VISIBLE_DEVICES)")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    batch_size: int = Field(32, gt=0)
+    batch_size: int = Field(32, gt=0, description="hf: prompts per forward pass")
     parents: Literal["auto", "device", "pinned", "memory", "mmap"] = Field(
         "auto", description="where parent weights stay resident between trials (auto: on "
-        "the device if they fit in half its free memory, else pinned/host memory or mmap)")
+        "the device if they fit beside the engine, else pinned/host memory or mmap)")
+    max_model_len: int | None = Field(None, gt=1, description="vllm: positions per sequence "
+                                      "(default: the model's own)")
+    gpu_memory_utilization: float | None = Field(
+        None, gt=0, le=1, description="vllm: fraction of the GPU vLLM takes for model, "
+        "activations and KV cache (default: what is left once parents on the GPU fit)")
+    kv_cache_memory_bytes: int | None = Field(
+        None, gt=0, description="vllm: KV cache size in bytes, instead of a fraction")
+    enforce_eager: bool = Field(False, description="vllm: no CUDA graphs or torch.compile")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs per engine")
+    seed: int | None = Field(None, description="vllm: engine seed (default: the study's)")
+    enable_prefix_caching: bool = Field(
+        False, description="vllm: reuse KV of shared prompt prefixes (reset at each swap)")
+
+    @model_validator(mode="after")
+    def _settings_of_kind(self) -> EngineSpec:
+        foreign = VLLM_ONLY if self.kind == "hf" else HF_ONLY
+        given = [name for name in foreign if name in self.model_fields_set]
+        if given:
+            other = "vllm" if self.kind == "hf" else "hf"
+            raise ValueError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} "
+                             f"to engine kind {other} only, and this engine is {self.kind}")
+        if self.gpu_memory_utilization is not None and self.kv_cache_memory_bytes is not None:
+            raise ValueError("give gpu_memory_utilization or kv_cache_memory_bytes, not both")
+        if self.kind == "vllm" and self.device not in ("auto", "cuda"):
+            raise ValueError(f"device {self.device!r}: a vllm engine runs on the GPUs that "
+                             "CUDA_VISIBLE_DEVICES shows; use auto or cuda")
+        return self
 
 
 class PruningSpec(_Strict):

@@ -10,10 +10,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from evaluators.engines import HFEngine
+from evaluators.engines import Engine, HFEngine
+from evaluators.engines.hf import resolve_dtype
+from evaluators.engines.vllm_engine import VLLMEngine, VLLMOptions, require_vllm
 from evaluators.probes import Probe, build_probe
 from evaluators.suite import ItemResult, ObjectiveDef, Suite, SuiteResult
 from mergesearch.devices import resolve_device
@@ -22,10 +25,26 @@ from merging import Materializer, MergeRecipe, Parents
 from merging.materializer import WeightsHash
 from merging.parents import auto_placement
 from search.space import SearchSpace
-from search.spec import StudySpec, probe_where
+from search.spec import VLLM_ONLY, StudySpec, probe_where
 from search.warm_start import warm_start_points
 
 log = logging.getLogger(__name__)
+
+
+def start_engine(spec: StudySpec, model_dir: Path, parents: Parents | None = None,
+                 materializer: Materializer | None = None) -> Engine:
+    """The spec's engine on `model_dir`; with `parents` (and their `materializer`) it can
+    load recipes. A vLLM engine reads the parents itself, inside its worker processes."""
+    engine = spec.engine
+    if engine.kind == "vllm":
+        settings = engine.model_dump(include=set(VLLM_ONLY))
+        settings["seed"] = spec.seed if engine.seed is None else engine.seed
+        dtype = str(resolve_dtype(engine.dtype, "cuda")).removeprefix("torch.")
+        return VLLMEngine(model_dir, VLLMOptions(dtype=dtype, **settings),
+                          parents=parents.folders if parents else None,
+                          placement=engine.parents)
+    return HFEngine(model_dir, device=engine.device, dtype=engine.dtype,
+                    batch_size=engine.batch_size, materializer=materializer)
 
 
 def build_suite(spec: StudySpec) -> Suite:
@@ -50,28 +69,27 @@ class Workbench:
     materializer: Materializer
     suite: Suite
     space: SearchSpace
-    engine: HFEngine
+    engine: Engine
     warm_starts: dict[str, dict[str, float]]
 
     @classmethod
     def prepare(cls, spec: StudySpec) -> Workbench:
         suite = build_suite(spec)
         folders = {p.name: p.path for p in spec.parents}
-        device = resolve_device(spec.engine.device, "engine.device")
-        placement = spec.engine.parents
-        if placement == "auto":
-            placement = auto_placement(folders, device)
-        parents = Parents(folders, device if placement == "device" else placement)
+        if spec.engine.kind == "vllm":
+            require_vllm()
+            placement = "mmap"  # vLLM's workers hold the parents; here only the layout is read
+        else:
+            device = resolve_device(spec.engine.device, "engine.device")
+            placement = spec.engine.parents
+            if placement == "auto":
+                placement = auto_placement(folders, device)
+            placement = device if placement == "device" else placement
+        parents = Parents(folders, placement)
         materializer = Materializer(parents)
         space = SearchSpace(spec, parents.layout)
         warm_starts = warm_start_points(spec, space, parents)
-        engine = HFEngine(
-            spec.source_parent.path,
-            device=spec.engine.device,
-            dtype=spec.engine.dtype,
-            batch_size=spec.engine.batch_size,
-            materializer=materializer,
-        )
+        engine = start_engine(spec, spec.source_parent.path, parents, materializer)
         return cls(spec, parents, materializer, suite, space, engine, warm_starts)
 
     @property

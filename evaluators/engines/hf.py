@@ -13,14 +13,10 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
+from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
 
 from evaluators.engines.base import GenerationRequest, LoglikelihoodRequest, cut_at_stop
+from evaluators.engines.prompts import PromptEncoder, load_tokenizer
 from mergesearch.devices import resolve_device
 from mergesearch.errors import MergesearchError
 from merging.materializer import Materializer, WeightsHash
@@ -54,7 +50,7 @@ class StopStrings(StoppingCriteria):
                             device=input_ids.device)
 
 
-class HFEngine:
+class HFEngine(PromptEncoder):
     def __init__(
         self,
         model_dir: Path | str,
@@ -68,13 +64,7 @@ class HFEngine:
         self.batch_size = batch_size
         self.materializer = materializer
         self._weights_hash: WeightsHash | None = None
-        self._warned_cut = False
-        if not Path(model_dir).is_dir():
-            raise MergesearchError(f"model folder {model_dir} does not exist")
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer = load_tokenizer(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype)
         self.model.to(self.device).eval()
         log.info("loaded %s on %s as %s", model_dir, self.device, self.dtype)
@@ -86,40 +76,6 @@ class HFEngine:
             self._weights_hash.hexdigest()  # the last hash must finish reading the weights
         self._weights_hash = self.materializer.write_into(self.model, recipe)
         return self._weights_hash
-
-    def format(self, request: GenerationRequest) -> str:
-        """The prompt as the model sees it: through the chat template where it has one."""
-        if not self.uses_chat_template(request):
-            shots = "".join(f"{q}\n{a}\n\n" for q, a in request.examples)
-            system = f"{request.system}\n\n" if request.system else ""
-            return system + shots + request.prompt
-        messages = [{"role": "system", "content": request.system}] if request.system else []
-        for question, answer in request.examples:
-            messages += [{"role": "user", "content": question},
-                         {"role": "assistant", "content": answer}]
-        messages.append({"role": "user", "content": request.prompt})
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-
-    def uses_chat_template(self, request: GenerationRequest) -> bool:
-        return request.chat and bool(self.tokenizer.chat_template)
-
-    def encode(self, request: GenerationRequest) -> list[int]:
-        """The prompt's tokens, cut from the left where prompt and output would not fit in
-        the model's positions (lm-eval cuts the same way)."""
-        # A chat template writes its own special tokens (BOS included); plain text gets them.
-        templated = self.uses_chat_template(request)
-        ids = self.tokenizer(self.format(request), add_special_tokens=not templated)["input_ids"]
-        room = self.max_length - request.max_new_tokens
-        if len(ids) > room:
-            if not self._warned_cut:
-                self._warned_cut = True
-                log.warning("prompt of %d tokens cut to its last %d to leave room for %d new "
-                            "tokens in %d positions (warned once)", len(ids), room,
-                            request.max_new_tokens, self.max_length)
-            ids = ids[-room:] if room > 0 else ids[-1:]
-        return ids
 
     @property
     def max_length(self) -> int:
@@ -161,37 +117,10 @@ class HFEngine:
                 outputs[i] = text.strip() if requests[i].strip else text
         return outputs  # type: ignore[return-value]
 
-    def _continuation_tokens(self, request: LoglikelihoodRequest) -> tuple[list[int], int]:
-        """Tokens of context + continuation, and how many at the end are the continuation.
-        Spaces ending the context move to the continuation (` yes`, not ` ` then `yes`), as
-        lm-eval does (newlines stay: a chat template ends its prompt with one), and the
-        continuation's tokens are those of the whole text past the context's, so that they
-        are the tokens the model would produce."""
-        context, continuation = request.context, request.continuation
-        spaces = len(context) - len(context.rstrip(" "))
-        if spaces:
-            context, continuation = context[:-spaces], context[-spaces:] + continuation
-        # Text that a chat template wrote starts with its own BOS: do not add a second.
-        bos = self.tokenizer.bos_token
-        special = not (bos and context.startswith(bos))
-        whole = self.tokenizer(context + continuation, add_special_tokens=special)["input_ids"]
-        prefix = self.tokenizer(context, add_special_tokens=special)["input_ids"]
-        if not prefix:  # the first token needs something to be predicted from
-            start = self.tokenizer.bos_token_id
-            start = self.tokenizer.eos_token_id if start is None else start
-            whole, prefix = [start, *whole], [start]
-        tokens = len(whole) - len(prefix)
-        if tokens <= 0:
-            raise MergesearchError(f"continuation {request.continuation!r} adds no tokens")
-        if tokens >= self.max_length:
-            raise MergesearchError(f"continuation of {tokens} tokens does not fit in the "
-                                   f"model's {self.max_length} positions")
-        return whole[-self.max_length :], tokens
-
     @torch.no_grad()
     def loglikelihood(self, requests: list[LoglikelihoodRequest]) -> list[tuple[float, bool]]:
         results: list[tuple[float, bool] | None] = [None] * len(requests)
-        encoded = [self._continuation_tokens(r) for r in requests]
+        encoded = [self.continuation_tokens(r) for r in requests]
         order = sorted(range(len(requests)), key=lambda i: -len(encoded[i][0]))
         pad = self.tokenizer.pad_token_id
         for start in range(0, len(order), self.batch_size):

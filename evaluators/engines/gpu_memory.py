@@ -1,0 +1,141 @@
+"""The memory plan of a vLLM engine that keeps parents beside it on the GPU.
+
+vLLM takes a share of each GPU for the live model, activations and the KV cache (its
+`gpu_memory_utilization`, or the model plus `kv_cache_memory_bytes`). Parents held on the GPU
+and the merge's scratch must fit in what is left. The plan is made from the checkpoints'
+headers and config before anything is loaded, so a study that cannot fit fails before it
+starts, with the numbers; and when the user gives no share, the plan picks one.
+
+`ACTIVATIONS` and `CONTEXT` are estimates (vLLM profiles the real activation peak when it
+starts), so a plan that fits by less than them may still fail inside vLLM.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from mergesearch.errors import SpecError
+from merging.parents import num_hidden_layers, read_config, tensor_shapes
+
+GiB = 2**30
+ACTIVATIONS = 2 * GiB  # vLLM's activation peak, CUDA graphs and sampler, per GPU
+CONTEXT = 1 * GiB      # CUDA contexts and allocator slack outside vLLM's share, per GPU
+MIN_KV = 4 * GiB       # parents leave the GPU (auto placement) rather than starve the cache
+DEFAULT_SHARE = 0.92   # vLLM's own default gpu_memory_utilization
+
+
+def gib(n: float) -> str:
+    return f"{n / GiB:.1f} GiB"
+
+
+@dataclass(frozen=True)
+class ModelFootprint:
+    """Sizes that decide memory, for all tensor-parallel ranks together."""
+
+    weights: int       # bytes of the live model in the engine's dtype
+    largest: int       # elements of the largest tensor
+    kv_per_token: int  # bytes of KV cache per token, in the engine's dtype
+    max_positions: int
+
+    @classmethod
+    def of(cls, folder: Path, dtype_bytes: int) -> ModelFootprint:
+        config = read_config(folder)
+        config = config.get("text_config") or config
+        sizes = [math.prod(shape) for _, shape in tensor_shapes(folder).values()]
+        heads = config["num_attention_heads"]
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        kv_heads = config.get("num_key_value_heads") or heads
+        return cls(weights=sum(sizes) * dtype_bytes, largest=max(sizes),
+                   kv_per_token=2 * num_hidden_layers(config) * kv_heads * head_dim * dtype_bytes,
+                   max_positions=int(config.get("max_position_embeddings") or 2048))
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Bytes per GPU, and the settings that give them."""
+
+    total: int
+    model: int
+    parents: int  # parents resident on this GPU (0 when they stay in host memory)
+    scratch: int
+    kv_min: int   # one sequence of max_model_len tokens
+    share: int    # vLLM's: model, activations and KV cache
+    placement: str
+    gpu_memory_utilization: float | None
+    kv_cache_memory_bytes: int | None
+
+    @property
+    def kv_cache(self) -> int:
+        return self.share - self.model - ACTIVATIONS
+
+    def summary(self) -> str:
+        return (f"per GPU of {gib(self.total)}: model {gib(self.model)}, KV cache about "
+                f"{gib(self.kv_cache)}, activations {gib(ACTIVATIONS)}, parents "
+                f"{gib(self.parents)} ({self.placement}), merge scratch {gib(self.scratch)}")
+
+
+def plan_memory(total: int, footprint: ModelFootprint, parents_bytes: int, n_parents: int, *,
+                placement: str = "auto", tensor_parallel_size: int = 1,
+                max_model_len: int | None = None, gpu_memory_utilization: float | None = None,
+                kv_cache_memory_bytes: int | None = None) -> MemoryPlan:
+    """Fit the engine, the parents (`parents_bytes`, all of them, held whole by every rank
+    when on the GPU) and the merge's scratch on each GPU of `total` bytes, or raise a
+    `SpecError` that gives every figure and what to change."""
+    tp = tensor_parallel_size
+    model = footprint.weights // tp
+    length = max_model_len or footprint.max_positions
+    kv_min = footprint.kv_per_token * length // tp
+    # Methods that need whole tensors hold each parent's copy, the result and a temporary
+    # in float32 at once.
+    scratch = footprint.largest * 4 * (n_parents + 2)
+
+    def plan(where: str) -> MemoryPlan:
+        on_gpu = parents_bytes if where == "device" else 0
+        share, utilization = None, gpu_memory_utilization
+        if kv_cache_memory_bytes is not None:
+            share = model + ACTIVATIONS + kv_cache_memory_bytes
+        elif utilization is not None:
+            share = int(utilization * total)
+        else:
+            free = total - CONTEXT - on_gpu - scratch
+            utilization = min(DEFAULT_SHARE, math.floor(100 * free / total) / 100)
+            share = int(utilization * total)
+        return MemoryPlan(total, model, on_gpu, scratch, kv_min, share, where,
+                          utilization if kv_cache_memory_bytes is None else None,
+                          kv_cache_memory_bytes)
+
+    if placement == "auto":
+        on_device = plan("device")
+        fits = not _problems(on_device, length)
+        chosen = on_device if fits and on_device.kv_cache >= max(kv_min, MIN_KV) \
+            else plan("pinned")
+    else:
+        chosen = plan(placement)
+    problems = _problems(chosen, length)
+    if problems:
+        raise SpecError("engine: the vLLM engine does not fit: " + "; ".join(problems))
+    return chosen
+
+
+def _problems(plan: MemoryPlan, length: int) -> list[str]:
+    problems = []
+    needed = plan.share + plan.parents + plan.scratch + CONTEXT
+    if needed > plan.total:
+        share = (f"gpu_memory_utilization {plan.gpu_memory_utilization:.2f}"
+                 if plan.gpu_memory_utilization is not None else "model + activations + "
+                 f"kv_cache_memory_bytes {gib(plan.kv_cache_memory_bytes or 0)}")
+        problems.append(
+            f"a GPU has {gib(plan.total)} but needs {gib(needed)}: vLLM's share "
+            f"{gib(plan.share)} ({share}) + parents on the GPU {gib(plan.parents)} + merge "
+            f"scratch {gib(plan.scratch)} + CUDA context {gib(CONTEXT)}; lower "
+            "engine.gpu_memory_utilization, set engine.parents: pinned, or raise "
+            "engine.tensor_parallel_size")
+    if plan.kv_cache < plan.kv_min:
+        problems.append(
+            f"vLLM's share {gib(plan.share)} leaves {gib(max(plan.kv_cache, 0))} for the KV "
+            f"cache after the model ({gib(plan.model)}) and activations ({gib(ACTIVATIONS)}), "
+            f"but one sequence of {length} tokens needs {gib(plan.kv_min)}; set "
+            "engine.max_model_len lower or give vLLM more memory")
+    return problems

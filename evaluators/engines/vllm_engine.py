@@ -1,0 +1,183 @@
+"""`VLLMEngine`: one warm vLLM engine per study worker, candidates swapped into its weights.
+
+The engine starts once, from the source parent's folder, with `MergeWorker` as its worker
+extension; the parents are then read once inside vLLM's worker processes. `load_recipe` sends
+the recipe (JSON) to every worker, which merges on its GPU and writes into the live
+parameters in place, and then the prefix cache is reset so that no KV computed for the last
+candidate is read for this one. No candidate restarts the engine or touches the disk.
+
+Only vLLM's public API is used (`LLM`, `LLM.generate`, `LLM.collective_rpc`,
+`LLM.reset_prefix_cache`, `SamplingParams`), and vLLM is imported when an engine starts,
+never when this module is imported: the rest of the project runs without it.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evaluators.engines.base import GenerationRequest, LoglikelihoodRequest, cut_at_stop
+from evaluators.engines.gpu_memory import MemoryPlan, ModelFootprint, plan_memory
+from evaluators.engines.prompts import PromptEncoder, load_tokenizer
+from mergesearch.errors import MergesearchError, SpecError
+from merging.parents import safetensors_files
+from merging.recipe import MergeRecipe
+
+log = logging.getLogger(__name__)
+
+WORKER_EXTENSION = "evaluators.engines.vllm_worker.MergeWorker"
+
+
+def vllm_missing() -> list[str]:
+    """What this machine lacks to run a vLLM engine (nothing: an empty list)."""
+    missing = []
+    if importlib.util.find_spec("vllm") is None:
+        missing.append("vLLM is not installed (pip install 'mergesearch[vllm]')")
+    if not torch.cuda.is_available():
+        missing.append("this machine has no CUDA GPU that torch can see")
+    return missing
+
+
+def require_vllm(where: str = "engine.kind") -> None:
+    missing = vllm_missing()
+    if missing:
+        raise SpecError(f"{where} vllm cannot run here: {'; and '.join(missing)}. Use engine "
+                        "kind hf on this machine, or run the study's workers on a GPU machine "
+                        "with vLLM (mergesearch join)")
+
+
+@dataclass(frozen=True)
+class VLLMOptions:
+    """The engine settings of a spec that vLLM reads; None leaves vLLM's (or the memory
+    plan's) default."""
+
+    dtype: str = "bfloat16"
+    max_model_len: int | None = None
+    gpu_memory_utilization: float | None = None
+    kv_cache_memory_bytes: int | None = None
+    enforce_eager: bool = False
+    tensor_parallel_size: int = 1
+    seed: int = 0
+    enable_prefix_caching: bool = False
+
+    def llm_kwargs(self, model_dir: Path, plan: MemoryPlan | None) -> dict[str, Any]:
+        kwargs = {key: value for key, value in asdict(self).items() if value is not None}
+        if plan is not None:  # the plan's share, which is the user's where they gave one
+            kwargs.pop("gpu_memory_utilization", None)
+            kwargs.pop("kv_cache_memory_bytes", None)
+            if plan.kv_cache_memory_bytes is not None:
+                kwargs["kv_cache_memory_bytes"] = plan.kv_cache_memory_bytes
+            else:
+                kwargs["gpu_memory_utilization"] = plan.gpu_memory_utilization
+        return {"model": str(model_dir), "tokenizer": str(model_dir),
+                "worker_extension_cls": WORKER_EXTENSION, **kwargs}
+
+
+def continuation_score(prompt_logprobs: list, tokens: list[int], count: int
+                       ) -> tuple[float, bool]:
+    """(sum of the last `count` tokens' log-probabilities, whether each was the greedy
+    choice) from vLLM's prompt logprobs: per position None or {token id: Logprob}, where the
+    prompt's own token is always present with its rank (1: the most likely)."""
+    total, greedy = 0.0, True
+    for position in range(len(tokens) - count, len(tokens)):
+        entry = prompt_logprobs[position][tokens[position]]
+        total += entry.logprob
+        greedy = greedy and entry.rank == 1
+    return total, greedy
+
+
+class VLLMEngine(PromptEncoder):
+    def __init__(self, model_dir: Path | str, options: VLLMOptions,
+                 parents: dict[str, Path] | None = None, placement: str = "auto"):
+        """Start vLLM on `model_dir`; with `parents`, read them into its workers (placed
+        by the memory plan when `placement` is auto) so that recipes can be loaded."""
+        require_vllm()
+        import vllm
+
+        self.model_dir = Path(model_dir)
+        self.options = options
+        self.dtype = getattr(torch, options.dtype)
+        self.device = "cuda"
+        self.tokenizer = load_tokenizer(model_dir)
+        self.plan = self._plan(parents, placement) if parents else None
+        if self.plan is not None:
+            log.info("memory plan %s", self.plan.summary())
+        self._sampling = vllm.SamplingParams
+        self.llm = vllm.LLM(**options.llm_kwargs(self.model_dir, self.plan))
+        self._max_model_len = options.max_model_len or ModelFootprint.of(
+            self.model_dir, self.dtype.itemsize).max_positions
+        if parents:
+            folders = {name: str(folder) for name, folder in parents.items()}
+            on_gpu = self.llm.collective_rpc("mergesearch_load_parents",
+                                             args=(folders, self.plan.placement))
+            log.info("parents read into %d worker(s), %.1f GiB on each GPU", len(on_gpu),
+                     max(on_gpu) / 2**30)
+
+    def _plan(self, parents: dict[str, Path], placement: str) -> MemoryPlan:
+        total = torch.cuda.get_device_properties(0).total_memory
+        footprint = ModelFootprint.of(self.model_dir, self.dtype.itemsize)
+        parents_bytes = sum(path.stat().st_size for folder in parents.values()
+                            for path in safetensors_files(Path(folder)))
+        o = self.options
+        return plan_memory(total, footprint, parents_bytes, len(parents),
+                           placement=placement, tensor_parallel_size=o.tensor_parallel_size,
+                           max_model_len=o.max_model_len,
+                           gpu_memory_utilization=o.gpu_memory_utilization,
+                           kv_cache_memory_bytes=o.kv_cache_memory_bytes)
+
+    @property
+    def max_length(self) -> int:
+        # One position stays free for the token vLLM samples after a scored prompt.
+        return self._max_model_len - 1
+
+    def load_recipe(self, recipe: MergeRecipe, hash_weights: bool = True) -> KnownHash:
+        if self.plan is None:
+            raise MergesearchError("this engine was started without parents to merge")
+        digests = self.llm.collective_rpc(
+            "mergesearch_load_recipe", args=(recipe.to_json(), self.options.dtype, hash_weights))
+        if self.llm.reset_prefix_cache() is False:
+            raise MergesearchError("vLLM could not reset its prefix cache after the swap, so "
+                                   "the next scores could read the last candidate's KV cache")
+        return KnownHash(digests[0])
+
+    def generate(self, requests: list[GenerationRequest]) -> list[str]:
+        prompts = [{"prompt_token_ids": self.encode(r)} for r in requests]
+        params = [self._sampling(temperature=0.0, max_tokens=r.max_new_tokens,
+                                 stop=list(r.stop) or None) for r in requests]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        texts = []
+        for request, output in zip(requests, outputs, strict=True):
+            text = cut_at_stop(output.outputs[0].text, request.stop)
+            texts.append(text.strip() if request.strip else text)
+        return texts
+
+    def loglikelihood(self, requests: list[LoglikelihoodRequest]) -> list[tuple[float, bool]]:
+        encoded = [self.continuation_tokens(r) for r in requests]
+        params = self._sampling(temperature=0.0, max_tokens=1, prompt_logprobs=1)
+        outputs = self.llm.generate([{"prompt_token_ids": tokens} for tokens, _ in encoded],
+                                    params, use_tqdm=False)
+        return [continuation_score(output.prompt_logprobs, tokens, count)
+                for (tokens, count), output in zip(encoded, outputs, strict=True)]
+
+    def close(self) -> None:
+        del self.llm
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+class KnownHash:
+    """A weights hash already computed (the `WeightsHash` interface engines return)."""
+
+    def __init__(self, digest: str | None):
+        self.digest = digest
+
+    def hexdigest(self) -> str:
+        if self.digest is None:
+            raise MergesearchError("the weights were loaded without hashing them")
+        return self.digest
