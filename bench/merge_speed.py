@@ -73,16 +73,17 @@ def empty_model(config: LlamaConfig, device: str) -> LlamaForCausalLM:
     return model.to(torch.bfloat16).to_empty(device=device).eval()
 
 
-def random_state(shapes: dict, device: str, seed: int, base: dict | None = None) -> dict:
-    """Seeded bf16 weights: a 'base' (N(0, 0.02), norms 1) or `base` + N(0, 0.002) noise."""
+def random_state(shapes: dict, device: str, seed: int, base: dict | None = None,
+                 std: float = 0.02) -> dict:
+    """Seeded bf16 weights: a 'base' (N(0, std), norms 1) or `base` + N(0, std / 10) noise."""
     gen = torch.Generator(device).manual_seed(seed)
     out = {name: torch.empty(shape, dtype=torch.bfloat16, device=device)
            for name, shape in shapes.items()}
     for name, t in out.items():
         if base is not None:
-            t.normal_(0.0, 0.002, generator=gen).add_(base[name])
+            t.normal_(0.0, std / 10, generator=gen).add_(base[name])
         else:
-            t.fill_(1.0) if name.endswith("norm.weight") else t.normal_(0.0, 0.02, generator=gen)
+            t.fill_(1.0) if name.endswith("norm.weight") else t.normal_(0.0, std, generator=gen)
     return out
 
 

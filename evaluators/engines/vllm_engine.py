@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import logging
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -109,15 +110,23 @@ class VLLMEngine(PromptEncoder):
         if self.plan is not None:
             log.info("memory plan %s", self.plan.summary())
         self._sampling = vllm.SamplingParams
+        start = time.perf_counter()
         self.llm = vllm.LLM(**options.llm_kwargs(self.model_dir, self.plan))
+        self.timings = {"start": time.perf_counter() - start}
         self._max_model_len = options.max_model_len or ModelFootprint.of(
             self.model_dir, self.dtype.itemsize).max_positions
         if parents:
-            folders = {name: str(folder) for name, folder in parents.items()}
-            on_gpu = self.llm.collective_rpc("mergesearch_load_parents",
-                                             args=(folders, self.plan.placement))
-            log.info("parents read into %d worker(s), %.1f GiB on each GPU", len(on_gpu),
-                     max(on_gpu) / 2**30)
+            self.load_parents(parents, self.plan.placement)
+
+    def load_parents(self, parents: dict[str, Path], placement: str) -> None:
+        """Read the parents into every worker (`placement`: device, pinned, memory, mmap)."""
+        start = time.perf_counter()
+        folders = {name: str(folder) for name, folder in parents.items()}
+        on_gpu = self.llm.collective_rpc("mergesearch_load_parents", args=(folders, placement))
+        self.timings["parents"] = time.perf_counter() - start
+        log.info("started vLLM in %.1f s; parents read in %.1f s into %d worker(s), %.1f GiB "
+                 "on each GPU", self.timings["start"], self.timings["parents"], len(on_gpu),
+                 max(on_gpu) / 2**30)
 
     def _plan(self, parents: dict[str, Path], placement: str) -> MemoryPlan:
         total = torch.cuda.get_device_properties(0).total_memory
@@ -137,7 +146,9 @@ class VLLMEngine(PromptEncoder):
         return self._max_model_len - 1
 
     def load_recipe(self, recipe: MergeRecipe, hash_weights: bool = True) -> KnownHash:
-        if self.plan is None:
+        """Swap the recipe's merge into the live weights; the hash (rank 0's, computed in the
+        worker before it returns) is skipped with `hash_weights=False`."""
+        if "parents" not in self.timings:
             raise MergesearchError("this engine was started without parents to merge")
         digests = self.llm.collective_rpc(
             "mergesearch_load_recipe", args=(recipe.to_json(), self.options.dtype, hash_weights))

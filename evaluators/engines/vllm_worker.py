@@ -68,6 +68,8 @@ class MergeWorker:
         tensors = self.mergesearch_materializer.tensors(
             recipe, getattr(torch, dtype), digest, device=self.device)
         load_into(self.get_model(), tensors)
+        if self.device.type == "cuda":  # return when the weights are written, not queued
+            torch.cuda.synchronize(self.device)
         return digest.hexdigest() if digest is not None else None
 
     def mergesearch_load_folder(self, folder: str) -> None:
@@ -75,3 +77,5 @@ class MergeWorker:
         when it is written out first (the benchmark's reload path)."""
         tensors = load_tensors(Path(folder))
         load_into(self.get_model(), ((n, t.to(self.device)) for n, t in tensors.items()))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
