@@ -242,17 +242,16 @@ Logprob = namedtuple("Logprob", "logprob rank decoded_token")  # vLLM's fields
 
 
 def _prompt_logprobs(model, tokens: list[int]) -> list:
-    """What vLLM returns for a prompt with prompt_logprobs=1: None for the first token, then
-    per position the top token and the prompt's own, with its log-probability and rank."""
+    """What vLLM returns for a prompt with prompt_logprobs=0: None for the first token, then
+    per position the prompt's own token with its log-probability and rank (the number of
+    tokens at least as likely)."""
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([tokens])).logits[0].float().log_softmax(-1)
     entries = [None]
     for position in range(1, len(tokens)):
         scores, token = logits[position - 1], tokens[position]
-        rank = int((scores > scores[token]).sum()) + 1
-        top = int(scores.argmax())
-        entries.append({top: Logprob(float(scores[top]), 1, ""),
-                        token: Logprob(float(scores[token]), rank, "")})
+        rank = int((scores >= scores[token]).sum())
+        entries.append({token: Logprob(float(scores[token]), rank, None)})
     return entries
 
 

@@ -83,8 +83,9 @@ class VLLMOptions:
 def continuation_score(prompt_logprobs: list, tokens: list[int], count: int
                        ) -> tuple[float, bool]:
     """(sum of the last `count` tokens' log-probabilities, whether each was the greedy
-    choice) from vLLM's prompt logprobs: per position None or {token id: Logprob}, where the
-    prompt's own token is always present with its rank (1: the most likely)."""
+    choice) from vLLM's prompt logprobs: None for the first position, then {token id:
+    Logprob}, where the prompt's own token is always present with its rank (the number of
+    tokens at least as likely: 1 is the greedy choice, ties count against it)."""
     total, greedy = 0.0, True
     for position in range(len(tokens) - count, len(tokens)):
         entry = prompt_logprobs[position][tokens[position]]
@@ -170,13 +171,17 @@ class VLLMEngine(PromptEncoder):
 
     def loglikelihood(self, requests: list[LoglikelihoodRequest]) -> list[tuple[float, bool]]:
         encoded = [self.continuation_tokens(r) for r in requests]
-        params = self._sampling(temperature=0.0, max_tokens=1, prompt_logprobs=1)
+        # prompt_logprobs=0: each position holds the prompt's own token, with its rank; no
+        # text is decoded (vLLM would otherwise decode every logprob token).
+        params = self._sampling(temperature=0.0, max_tokens=1, prompt_logprobs=0,
+                                detokenize=False)
         outputs = self.llm.generate([{"prompt_token_ids": tokens} for tokens, _ in encoded],
                                     params, use_tqdm=False)
         return [continuation_score(output.prompt_logprobs, tokens, count)
                 for (tokens, count), output in zip(encoded, outputs, strict=True)]
 
     def close(self) -> None:
+        # vLLM has no public shutdown: its engine process ends when the client is collected.
         del self.llm
         gc.collect()
         torch.cuda.empty_cache()
