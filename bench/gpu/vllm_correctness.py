@@ -33,7 +33,11 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from bench.gpu.models import make_parents, prompts, table  # noqa: E402
 from evaluators.engines import GenerationRequest, HFEngine, LoglikelihoodRequest  # noqa: E402
-from evaluators.engines.vllm_engine import VLLMEngine, VLLMOptions  # noqa: E402
+from evaluators.engines.vllm_engine import (  # noqa: E402
+    VLLMEngine,
+    VLLMOptions,
+    vllm_missing,
+)
 from merging import Materializer, MergeRecipe, Parents  # noqa: E402
 from merging.materializer import WeightsHash  # noqa: E402
 from search.export import write_model_folder  # noqa: E402
@@ -80,6 +84,8 @@ def main() -> None:
     parser.add_argument("--tol-fresh", type=float, default=1e-3)
     parser.add_argument("--tol-hf", type=float, default=0.05)
     args = parser.parse_args()
+    if vllm_missing():
+        sys.exit(f"{Path(__file__).name} needs a GPU with vLLM: {'; '.join(vllm_missing())}")
 
     folders = make_parents(args.models, args.shape, ("clinical", "instruct"))
     options = VLLMOptions(dtype="bfloat16", max_model_len=2048, enforce_eager=args.eager)

@@ -37,7 +37,11 @@ sys.path.insert(0, str(REPO))
 from bench.gpu.models import make_parents, prompts, table  # noqa: E402
 from bench.merge_speed import copy_bandwidth  # noqa: E402
 from evaluators.engines import GenerationRequest, HFEngine  # noqa: E402
-from evaluators.engines.vllm_engine import VLLMEngine, VLLMOptions  # noqa: E402
+from evaluators.engines.vllm_engine import (  # noqa: E402
+    VLLMEngine,
+    VLLMOptions,
+    vllm_missing,
+)
 from merging import Materializer, MergeRecipe, Parents  # noqa: E402
 from merging.parents import num_hidden_layers, read_config  # noqa: E402
 from search.export import write_model_folder  # noqa: E402
@@ -79,6 +83,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--eager", action="store_true", help="vLLM without CUDA graphs")
     args = parser.parse_args()
+    if vllm_missing():
+        sys.exit(f"{Path(__file__).name} needs a GPU with vLLM: {'; '.join(vllm_missing())}")
 
     folders = make_parents(args.models, args.shape, ("clinical", "instruct"))
     layers = num_hidden_layers(read_config(folders["instruct"]))
