@@ -231,8 +231,11 @@ class EngineSpec(_Strict):
 
     @model_validator(mode="after")
     def _settings_of_kind(self) -> EngineSpec:
+        # A setting of the other kind is refused when it differs from its default (a spec
+        # stored with a study holds every field, defaults included).
         foreign = VLLM_ONLY if self.kind == "hf" else HF_ONLY
-        given = [name for name in foreign if name in self.model_fields_set]
+        given = [name for name in foreign
+                 if getattr(self, name) != type(self).model_fields[name].default]
         if given:
             other = "vllm" if self.kind == "hf" else "hf"
             raise ValueError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} "

@@ -24,7 +24,7 @@ from evaluators.engines.vllm_worker import MergeWorker
 from mergesearch.errors import MergesearchError, SpecError
 from merging import Materializer, MergeRecipe, Parents
 from merging.materializer import WeightsHash
-from search.spec import load_spec
+from search.spec import load_spec, parse_spec
 from tests.test_bad_input import assert_refused
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,6 +59,8 @@ def test_vllm_settings_reach_the_engine_options(write_spec):
     spec = load_spec(write_spec(engine={
         "kind": "vllm", "max_model_len": 4096, "gpu_memory_utilization": 0.5,
         "tensor_parallel_size": 2, "enable_prefix_caching": True, "seed": 7}))
+    # the spec stored with a study (every field, defaults included) reads back the same
+    assert parse_spec(spec.to_json_dict(), "stored") == spec
     kwargs = VLLMOptions(**spec.engine.model_dump(include={
         "max_model_len", "gpu_memory_utilization", "tensor_parallel_size",
         "enable_prefix_caching", "seed"})).llm_kwargs(Path("/m"), plan=None)
