@@ -30,8 +30,11 @@ from merging.parents import Parents
 from merging.recipe import MergeRecipe
 
 
-def _piece_digests(tensor: torch.Tensor, piece: int) -> bytes:
-    """sha256 of each `piece`-byte piece of the tensor's bytes, concatenated."""
+def _piece_digests(tensor: torch.Tensor, piece: int, written=None) -> bytes:
+    """sha256 of each `piece`-byte piece of the tensor's bytes, concatenated. `written`: a
+    CUDA event recorded after the tensor was written, waited for before it is read."""
+    if written is not None:
+        written.synchronize()
     data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
     return b"".join(hashlib.sha256(data[i : i + piece]).digest()
                     for i in range(0, max(len(data), 1), piece))
@@ -58,7 +61,14 @@ class WeightsHash:
 
     def update(self, name: str, tensor: torch.Tensor) -> None:
         header = f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode()
-        self._pending.append((header, self._pool.submit(_piece_digests, tensor, self.PIECE)))
+        # The hashing thread reads on a stream of its own, which nothing orders after the
+        # writer's (vLLM's workers run on a stream that is not the default one).
+        written = None
+        if tensor.is_cuda:
+            written = torch.cuda.Event()
+            written.record(torch.cuda.current_stream(tensor.device))
+        self._pending.append(
+            (header, self._pool.submit(_piece_digests, tensor, self.PIECE, written)))
         while self._max_pending is not None and len(self._pending) > self._max_pending:
             self._fold()
 

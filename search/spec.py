@@ -214,8 +214,9 @@ class EngineSpec(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     batch_size: int = Field(32, gt=0, description="hf: prompts per forward pass")
     parents: Literal["auto", "device", "pinned", "memory", "mmap"] = Field(
-        "auto", description="where parent weights stay resident between trials (auto: on "
-        "the device if they fit beside the engine, else pinned/host memory or mmap)")
+        "auto", description="where parent weights stay resident between trials (auto: hf, "
+        "on the device if they take under half its free memory, else pinned or host memory "
+        "or mmap; vllm, on the GPU if the memory plan fits them there, else pinned)")
     max_model_len: int | None = Field(None, gt=1, description="vllm: positions per sequence "
                                       "(default: the model's own)")
     gpu_memory_utilization: float | None = Field(

@@ -23,6 +23,7 @@ from mergesearch.devices import resolve_device
 from mergesearch.errors import SpecError
 from merging import Materializer, MergeRecipe, Parents
 from merging.materializer import WeightsHash
+from merging.methods import get_method
 from merging.parents import auto_placement
 from search.space import SearchSpace
 from search.spec import VLLM_ONLY, StudySpec, probe_where
@@ -31,18 +32,25 @@ from search.warm_start import warm_start_points
 log = logging.getLogger(__name__)
 
 
+def vllm_options(spec: StudySpec) -> VLLMOptions:
+    """The spec's vLLM settings; the engine's seed defaults to the study's."""
+    engine = spec.engine
+    settings = engine.model_dump(include=set(VLLM_ONLY))
+    settings["seed"] = spec.seed if engine.seed is None else engine.seed
+    dtype = str(resolve_dtype(engine.dtype, "cuda")).removeprefix("torch.")
+    return VLLMOptions(dtype=dtype, **settings)
+
+
 def start_engine(spec: StudySpec, model_dir: Path, parents: Parents | None = None,
                  materializer: Materializer | None = None) -> Engine:
     """The spec's engine on `model_dir`; with `parents` (and their `materializer`) it can
     load recipes. A vLLM engine reads the parents itself, inside its worker processes."""
     engine = spec.engine
     if engine.kind == "vllm":
-        settings = engine.model_dump(include=set(VLLM_ONLY))
-        settings["seed"] = spec.seed if engine.seed is None else engine.seed
-        dtype = str(resolve_dtype(engine.dtype, "cuda")).removeprefix("torch.")
-        return VLLMEngine(model_dir, VLLMOptions(dtype=dtype, **settings),
+        whole = any(not get_method(m).elementwise for m in spec.merge.methods)
+        return VLLMEngine(model_dir, vllm_options(spec),
                           parents=parents.folders if parents else None,
-                          placement=engine.parents)
+                          placement=engine.parents, whole_tensor_merges=whole)
     return HFEngine(model_dir, device=engine.device, dtype=engine.dtype,
                     batch_size=engine.batch_size, materializer=materializer)
 
@@ -112,7 +120,7 @@ class Workbench:
               ) -> tuple[str, SuiteResult]:
         """Load the recipe into the engine and evaluate it; return (weights hash, result).
         `on_items` sees each chunk's results as they come (and may stop the trial)."""
-        weights_hash = self.engine.load_recipe(recipe)  # hashed while the suite runs
+        weights_hash = self.engine.load_recipe(recipe)  # hf: hashed while the suite runs
         result = self.suite.evaluate(self.engine, split, self.spec.evaluation.chunk_size,
                                      on_items)
         return weights_hash.hexdigest(), result
@@ -138,7 +146,9 @@ class Workbench:
     def recover(self) -> None:
         """After a failed trial: give back what it held on the GPU (an out-of-memory error
         leaves the allocator's cache full)."""
-        if torch.cuda.is_available():
+        if isinstance(self.engine, VLLMEngine):
+            self.engine.release_cache()
+        elif torch.cuda.is_available():
             torch.cuda.empty_cache()
 
     def close(self) -> None:

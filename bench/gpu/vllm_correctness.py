@@ -11,8 +11,8 @@ and checks that the export rebuilds the bytes the warm engine hashed.
 
 Checks (exit 1 if one fails):
   hash       the export's weights hash equals the one the warm engine returned;
-  fresh      the fresh engine's greedy outputs equal the warm engine's, and every summed
-             log-likelihood agrees within --tol-fresh;
+  fresh      the fresh engine's greedy outputs equal the warm engine's, and every
+             log-likelihood agrees within --tol-fresh per token;
   hf         the HF engine's log-likelihoods agree within --tol-hf per token (bf16 kernels
              differ); its greedy outputs are counted, not required (random weights have
              near-ties that different kernels break differently).
@@ -110,6 +110,7 @@ def main() -> None:
             recipe, torch.bfloat16, digest, device="cuda"), folders["instruct"],
             torch.bfloat16, {}, force=True)
         hash_ok = digest.hexdigest() == warm[name]["hash"]
+        torch.cuda.empty_cache()  # the export's merge must not crowd the fresh engine
         fresh_engine = VLLMEngine(export, options)
         fresh = run(fresh_engine, generation, scoring)
         fresh_engine.close()

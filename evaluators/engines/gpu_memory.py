@@ -24,6 +24,11 @@ ACTIVATIONS = 2 * GiB  # vLLM's activation peak, CUDA graphs and sampler, per GP
 CONTEXT = 1 * GiB      # CUDA contexts and allocator slack outside vLLM's share, per GPU
 MIN_KV = 4 * GiB       # parents leave the GPU (auto placement) rather than starve the cache
 DEFAULT_SHARE = 0.92   # vLLM's own default gpu_memory_utilization
+HASH_PENDING = 4       # merged tensors the worker holds for hashing at most
+# float32 copies of the largest tensor a whole-tensor merge holds at once besides the
+# parents' (TIES: base, deltas, magnitudes, masks, signs, sums, the result): read off
+# merging/methods/task_arithmetic.py and sparsify.py, not measured
+WHOLE_TENSOR_COPIES = 6
 
 
 def gib(n: float) -> str:
@@ -38,6 +43,7 @@ class ModelFootprint:
     largest: int       # elements of the largest tensor
     kv_per_token: int  # bytes of KV cache per token, in the engine's dtype
     max_positions: int
+    dtype_bytes: int = 2
 
     @classmethod
     def of(cls, folder: Path, dtype_bytes: int) -> ModelFootprint:
@@ -49,7 +55,8 @@ class ModelFootprint:
         kv_heads = config.get("num_key_value_heads") or heads
         return cls(weights=sum(sizes) * dtype_bytes, largest=max(sizes),
                    kv_per_token=2 * num_hidden_layers(config) * kv_heads * head_dim * dtype_bytes,
-                   max_positions=int(config.get("max_position_embeddings") or 2048))
+                   max_positions=int(config.get("max_position_embeddings") or 2048),
+                   dtype_bytes=dtype_bytes)
 
 
 @dataclass(frozen=True)
@@ -77,19 +84,23 @@ class MemoryPlan:
 
 
 def plan_memory(total: int, footprint: ModelFootprint, parents_bytes: int, n_parents: int, *,
-                placement: str = "auto", tensor_parallel_size: int = 1,
+                placement: str = "auto", whole_tensor_merges: bool = True,
+                tensor_parallel_size: int = 1,
                 max_model_len: int | None = None, gpu_memory_utilization: float | None = None,
                 kv_cache_memory_bytes: int | None = None) -> MemoryPlan:
     """Fit the engine, the parents (`parents_bytes`, all of them, held whole by every rank
     when on the GPU) and the merge's scratch on each GPU of `total` bytes, or raise a
-    `SpecError` that gives every figure and what to change."""
+    `SpecError` that gives every figure and what to change. `whole_tensor_merges`: some
+    method of the study merges whole tensors in float32 (elementwise ones work in chunks)."""
     tp = tensor_parallel_size
     model = footprint.weights // tp
     length = max_model_len or footprint.max_positions
     kv_min = footprint.kv_per_token * length // tp
-    # Methods that need whole tensors hold each parent's copy, the result and a temporary
-    # in float32 at once.
-    scratch = footprint.largest * 4 * (n_parents + 2)
+    # The merged tensor and those the hash holds; a whole-tensor merge also holds float32
+    # copies of the largest tensor (each parent's and its own temporaries).
+    scratch = footprint.largest * (1 + HASH_PENDING) * footprint.dtype_bytes
+    if whole_tensor_merges:
+        scratch += footprint.largest * 4 * (n_parents + WHOLE_TENSOR_COPIES)
 
     def plan(where: str) -> MemoryPlan:
         on_gpu = parents_bytes if where == "device" else 0
@@ -108,9 +119,12 @@ def plan_memory(total: int, footprint: ModelFootprint, parents_bytes: int, n_par
 
     if placement == "auto":
         on_device = plan("device")
-        fits = not _problems(on_device, length)
-        chosen = on_device if fits and on_device.kv_cache >= max(kv_min, MIN_KV) \
-            else plan("pinned")
+        # Where the plan sizes vLLM's share, parents give way to a cache of at least MIN_KV;
+        # where the user sized it, moving them gains the cache nothing.
+        enough = MIN_KV if gpu_memory_utilization is None and kv_cache_memory_bytes is None \
+            else 0
+        fits = not _problems(on_device, length) and on_device.kv_cache >= enough
+        chosen = on_device if fits else plan("pinned")
     else:
         chosen = plan(placement)
     problems = _problems(chosen, length)

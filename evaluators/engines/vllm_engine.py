@@ -49,8 +49,8 @@ def require_vllm(where: str = "engine.kind") -> None:
     missing = vllm_missing()
     if missing:
         raise SpecError(f"{where} vllm cannot run here: {'; and '.join(missing)}. Use engine "
-                        "kind hf on this machine, or run the study's workers on a GPU machine "
-                        "with vLLM (mergesearch join)")
+                        "kind hf on this machine, or launch the study on a GPU machine with "
+                        "vLLM (and add workers there with mergesearch worker)")
 
 
 @dataclass(frozen=True)
@@ -83,9 +83,9 @@ class VLLMOptions:
 def continuation_score(prompt_logprobs: list, tokens: list[int], count: int
                        ) -> tuple[float, bool]:
     """(sum of the last `count` tokens' log-probabilities, whether each was the greedy
-    choice) from vLLM's prompt logprobs: None for the first position, then {token id:
-    Logprob}, where the prompt's own token is always present with its rank (the number of
-    tokens at least as likely: 1 is the greedy choice, ties count against it)."""
+    choice) from vLLM's prompt logprobs with prompt_logprobs=1: None for the first position,
+    then {token id: Logprob} holding the prompt's own token and the most likely one, which
+    has rank 1 (the prompt's own token has rank 1 exactly when it is that one)."""
     total, greedy = 0.0, True
     for position in range(len(tokens) - count, len(tokens)):
         entry = prompt_logprobs[position][tokens[position]]
@@ -96,26 +96,34 @@ def continuation_score(prompt_logprobs: list, tokens: list[int], count: int
 
 class VLLMEngine(PromptEncoder):
     def __init__(self, model_dir: Path | str, options: VLLMOptions,
-                 parents: dict[str, Path] | None = None, placement: str = "auto"):
+                 parents: dict[str, Path] | None = None, placement: str = "auto",
+                 whole_tensor_merges: bool = True):
         """Start vLLM on `model_dir`; with `parents`, read them into its workers (placed
-        by the memory plan when `placement` is auto) so that recipes can be loaded."""
+        by the memory plan when `placement` is auto) so that recipes can be loaded.
+        `whole_tensor_merges`: whether the recipes to come use a method that merges whole
+        tensors (it decides the merge's scratch in the memory plan)."""
         require_vllm()
-        import vllm
+        try:
+            import vllm
+        except Exception as e:  # installed, but not for this torch or this machine
+            raise SpecError(f"engine.kind vllm: vLLM is installed but does not import: "
+                            f"{type(e).__name__}: {e}") from None
 
         self.model_dir = Path(model_dir)
         self.options = options
         self.dtype = getattr(torch, options.dtype)
         self.device = "cuda"
         self.tokenizer = load_tokenizer(model_dir)
-        self.plan = self._plan(parents, placement) if parents else None
+        self.footprint = ModelFootprint.of(self.model_dir, self.dtype.itemsize)
+        self.plan = self._plan(parents, placement, whole_tensor_merges) if parents else None
         if self.plan is not None:
             log.info("memory plan %s", self.plan.summary())
         self._sampling = vllm.SamplingParams
         start = time.perf_counter()
         self.llm = vllm.LLM(**options.llm_kwargs(self.model_dir, self.plan))
         self.timings = {"start": time.perf_counter() - start}
-        self._max_model_len = options.max_model_len or ModelFootprint.of(
-            self.model_dir, self.dtype.itemsize).max_positions
+        # what vLLM settled on (it also reads limits other than max_position_embeddings)
+        self._max_model_len = self.llm.llm_engine.model_config.max_model_len
         if parents:
             self.load_parents(parents, self.plan.placement)
 
@@ -129,14 +137,17 @@ class VLLMEngine(PromptEncoder):
                  "on each GPU", self.timings["start"], self.timings["parents"], len(on_gpu),
                  max(on_gpu) / 2**30)
 
-    def _plan(self, parents: dict[str, Path], placement: str) -> MemoryPlan:
+    def _plan(self, parents: dict[str, Path], placement: str, whole_tensor_merges: bool
+              ) -> MemoryPlan:
+        # This starts CUDA here too (a context on the first GPU, which CONTEXT allows for),
+        # and vLLM then spawns its workers rather than forking.
         total = torch.cuda.get_device_properties(0).total_memory
-        footprint = ModelFootprint.of(self.model_dir, self.dtype.itemsize)
         parents_bytes = sum(path.stat().st_size for folder in parents.values()
                             for path in safetensors_files(Path(folder)))
         o = self.options
-        return plan_memory(total, footprint, parents_bytes, len(parents),
-                           placement=placement, tensor_parallel_size=o.tensor_parallel_size,
+        return plan_memory(total, self.footprint, parents_bytes, len(parents),
+                           placement=placement, whole_tensor_merges=whole_tensor_merges,
+                           tensor_parallel_size=o.tensor_parallel_size,
                            max_model_len=o.max_model_len,
                            gpu_memory_utilization=o.gpu_memory_utilization,
                            kv_cache_memory_bytes=o.kv_cache_memory_bytes)
@@ -171,14 +182,19 @@ class VLLMEngine(PromptEncoder):
 
     def loglikelihood(self, requests: list[LoglikelihoodRequest]) -> list[tuple[float, bool]]:
         encoded = [self.continuation_tokens(r) for r in requests]
-        # prompt_logprobs=0: each position holds the prompt's own token, with its rank; no
-        # text is decoded (vLLM would otherwise decode every logprob token).
-        params = self._sampling(temperature=0.0, max_tokens=1, prompt_logprobs=0,
+        # prompt_logprobs=1: each position holds the prompt's own token and the most likely
+        # one, which takes rank 1 even on a tie (as greedy decoding's argmax does); no text
+        # is decoded (vLLM would otherwise decode every logprob token).
+        params = self._sampling(temperature=0.0, max_tokens=1, prompt_logprobs=1,
                                 detokenize=False)
         outputs = self.llm.generate([{"prompt_token_ids": tokens} for tokens, _ in encoded],
                                     params, use_tqdm=False)
         return [continuation_score(output.prompt_logprobs, tokens, count)
                 for (tokens, count), output in zip(encoded, outputs, strict=True)]
+
+    def release_cache(self) -> None:
+        """Give back what the workers' allocators cache (after a failed trial)."""
+        self.llm.collective_rpc("mergesearch_release_cache")
 
     def close(self) -> None:
         # vLLM has no public shutdown: its engine process ends when the client is collected.

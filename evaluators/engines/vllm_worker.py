@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from evaluators.engines.gpu_memory import HASH_PENDING
 from mergesearch.errors import MergesearchError
 from merging.materializer import Materializer, WeightsHash
 from merging.parents import Parents, load_tensors
@@ -64,13 +65,19 @@ class MergeWorker:
         """Make the live model the recipe's merge. Rank 0 returns the weights' hash (the
         same as `Materializer.tensors` gives on export), when asked."""
         recipe = MergeRecipe.from_json(recipe_json)
-        digest = WeightsHash() if hash_weights and self.rank == 0 else None
+        # a short queue: each pending tensor holds GPU memory the memory plan counts
+        digest = WeightsHash(max_pending=HASH_PENDING) if hash_weights and self.rank == 0 \
+            else None
         tensors = self.mergesearch_materializer.tensors(
             recipe, getattr(torch, dtype), digest, device=self.device)
         load_into(self.get_model(), tensors)
         if self.device.type == "cuda":  # return when the weights are written, not queued
             torch.cuda.synchronize(self.device)
         return digest.hexdigest() if digest is not None else None
+
+    def mergesearch_release_cache(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def mergesearch_load_folder(self, folder: str) -> None:
         """Read a checkpoint from disk into the live model: what swapping a candidate costs
