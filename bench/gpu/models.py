@@ -8,6 +8,7 @@ made on the GPU (no download: the GPU machines have no network) and written once
 
 from __future__ import annotations
 
+import argparse
 import random
 import shutil
 import sys
@@ -20,11 +21,33 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from bench.merge_speed import random_state  # noqa: E402
+from evaluators.engines.vllm_engine import vllm_missing  # noqa: E402
 from search.demo import synthetic  # noqa: E402
 from search.demo.build import build_tokenizer  # noqa: E402
 
 # hidden, intermediate, layers, heads, kv heads, vocabulary (None: the tokenizer's), std
 SHAPES = {"tiny": (256, 512, 2, 4, 2, None, 0.2), "8b": (4096, 14336, 32, 32, 8, 128256, 0.02)}
+
+
+def argument_parser(doc: str, shape: str, prompts: int, max_new_tokens: int
+                    ) -> argparse.ArgumentParser:
+    """The options both GPU scripts take; each adds its own."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--shape", choices=tuple(SHAPES), default=shape)
+    parser.add_argument("--models", type=Path, default=Path("/tmp/mergesearch-gpu-models"))
+    parser.add_argument("--prompts", type=int, default=prompts)
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    parser.add_argument("--eager", action="store_true", help="vLLM without CUDA graphs")
+    return parser
+
+
+def parse_on_gpu(parser: argparse.ArgumentParser, script: str) -> argparse.Namespace:
+    """The arguments, or an exit that says what this machine lacks for vLLM."""
+    args = parser.parse_args()
+    missing = vllm_missing()
+    if missing:
+        sys.exit(f"{Path(script).name} needs a GPU with vLLM: {'; '.join(missing)}")
+    return args
 
 
 def prompts(n: int, seed: int = 0) -> list[str]:

@@ -20,7 +20,6 @@ Checks (exit 1 if one fails):
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import sys
 import time
@@ -31,13 +30,15 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from bench.gpu.models import make_parents, prompts, table  # noqa: E402
-from evaluators.engines import GenerationRequest, HFEngine, LoglikelihoodRequest  # noqa: E402
-from evaluators.engines.vllm_engine import (  # noqa: E402
-    VLLMEngine,
-    VLLMOptions,
-    vllm_missing,
+from bench.gpu.models import (  # noqa: E402
+    argument_parser,
+    make_parents,
+    parse_on_gpu,
+    prompts,
+    table,
 )
+from evaluators.engines import GenerationRequest, HFEngine, LoglikelihoodRequest  # noqa: E402
+from evaluators.engines.vllm_engine import VLLMEngine, VLLMOptions  # noqa: E402
 from merging import Materializer, MergeRecipe, Parents  # noqa: E402
 from merging.materializer import WeightsHash  # noqa: E402
 from search.export import write_model_folder  # noqa: E402
@@ -75,17 +76,10 @@ def compare(warm: dict, other: dict, tokens: list[int]) -> tuple[int, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=("tiny", "8b"), default="tiny")
-    parser.add_argument("--models", type=Path, default=Path("/tmp/mergesearch-gpu-models"))
-    parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--eager", action="store_true", help="vLLM without CUDA graphs")
+    parser = argument_parser(__doc__, shape="tiny", prompts=64, max_new_tokens=32)
     parser.add_argument("--tol-fresh", type=float, default=1e-3)
     parser.add_argument("--tol-hf", type=float, default=0.05)
-    args = parser.parse_args()
-    if vllm_missing():
-        sys.exit(f"{Path(__file__).name} needs a GPU with vLLM: {'; '.join(vllm_missing())}")
+    args = parse_on_gpu(parser, __file__)
 
     folders = make_parents(args.models, args.shape, ("clinical", "instruct"))
     options = VLLMOptions(dtype="bfloat16", max_model_len=2048, enforce_eager=args.eager)

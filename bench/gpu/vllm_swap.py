@@ -19,14 +19,12 @@ Targets: linear swap within 3x of the floor, and at least 100x cheaper than writ
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
 import shutil
 import statistics
 import sys
-import time
 from importlib.metadata import version
 from pathlib import Path
 
@@ -34,14 +32,16 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from bench.gpu.models import make_parents, prompts, table  # noqa: E402
-from bench.merge_speed import copy_bandwidth  # noqa: E402
-from evaluators.engines import GenerationRequest, HFEngine  # noqa: E402
-from evaluators.engines.vllm_engine import (  # noqa: E402
-    VLLMEngine,
-    VLLMOptions,
-    vllm_missing,
+from bench.gpu.models import (  # noqa: E402
+    argument_parser,
+    make_parents,
+    parse_on_gpu,
+    prompts,
+    table,
 )
+from bench.merge_speed import copy_bandwidth, timed  # noqa: E402
+from evaluators.engines import GenerationRequest, HFEngine  # noqa: E402
+from evaluators.engines.vllm_engine import VLLMEngine, VLLMOptions  # noqa: E402
 from merging import Materializer, MergeRecipe, Parents  # noqa: E402
 from merging.parents import num_hidden_layers, read_config  # noqa: E402
 from search.export import write_model_folder  # noqa: E402
@@ -58,33 +58,18 @@ def random_recipe(method: str, layers: int, rng: random.Random) -> MergeRecipe:
                        base="instruct")
 
 
-def timed(fn) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
 def generation_speed(engine, requests: list[GenerationRequest]) -> tuple[float, float]:
     """(requests per second, generated tokens per second)."""
     outputs: list[str] = []
-    seconds = timed(lambda: outputs.extend(engine.generate(requests)))
+    seconds = timed(lambda: outputs.extend(engine.generate(requests)), "cuda")
     tokens = sum(len(engine.tokenizer(o, add_special_tokens=False)["input_ids"]) for o in outputs)
     return len(requests) / seconds, tokens / seconds
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=("tiny", "8b"), default="8b")
-    parser.add_argument("--models", type=Path, default=Path("/tmp/mergesearch-gpu-models"))
+    parser = argument_parser(__doc__, shape="8b", prompts=300, max_new_tokens=128)
     parser.add_argument("--trials", type=int, default=10)
-    parser.add_argument("--prompts", type=int, default=300)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument("--eager", action="store_true", help="vLLM without CUDA graphs")
-    args = parser.parse_args()
-    if vllm_missing():
-        sys.exit(f"{Path(__file__).name} needs a GPU with vLLM: {'; '.join(vllm_missing())}")
+    args = parse_on_gpu(parser, __file__)
 
     folders = make_parents(args.models, args.shape, ("clinical", "instruct"))
     layers = num_hidden_layers(read_config(folders["instruct"]))
@@ -108,8 +93,8 @@ def main() -> None:
         for hashed in (False, True):
             trials = [random_recipe(method, layers, rng) for _ in range(args.trials + 1)]
             engine.load_recipe(trials[0], hash_weights=hashed)  # warm-up
-            seconds = [timed(lambda r=r, h=hashed: engine.load_recipe(r, hash_weights=h))
-                       for r in trials[1:]]
+            seconds = [timed(lambda r=r, h=hashed: engine.load_recipe(r, hash_weights=h),
+                             "cuda") for r in trials[1:]]
             median = statistics.median(seconds)
             results[f"swap_{method}{'_hashed' if hashed else ''}_s"] = seconds
             rows.append([f"swap {method}{' + weights hash' if hashed else ''} (median of "
@@ -125,9 +110,9 @@ def main() -> None:
     write_s = timed(lambda: write_model_folder(
         merged, Materializer(Parents(folders, "memory")).tensors(recipe, torch.bfloat16,
                                                                  device="cuda"),
-        folders["instruct"], torch.bfloat16, {}, force=True))
+        folders["instruct"], torch.bfloat16, {}, force=True), "cuda")
     reload_s = timed(lambda: engine.llm.collective_rpc("mergesearch_load_folder",
-                                                       args=(str(merged),)))
+                                                       args=(str(merged),)), "cuda")
     engine.close()
     restart = VLLMEngine(merged, options)
     restart_s = restart.timings["start"]

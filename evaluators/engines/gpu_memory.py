@@ -104,7 +104,7 @@ def plan_memory(total: int, footprint: ModelFootprint, parents_bytes: int, n_par
 
     def plan(where: str) -> MemoryPlan:
         on_gpu = parents_bytes if where == "device" else 0
-        share, utilization = None, gpu_memory_utilization
+        utilization = gpu_memory_utilization
         if kv_cache_memory_bytes is not None:
             share = model + ACTIVATIONS + kv_cache_memory_bytes
         elif utilization is not None:

@@ -114,7 +114,7 @@ class VLLMEngine(PromptEncoder):
         self.dtype = getattr(torch, options.dtype)
         self.device = "cuda"
         self.tokenizer = load_tokenizer(model_dir)
-        self.footprint = ModelFootprint.of(self.model_dir, self.dtype.itemsize)
+        self.parents: dict[str, Path] | None = None
         self.plan = self._plan(parents, placement, whole_tensor_merges) if parents else None
         if self.plan is not None:
             log.info("memory plan %s", self.plan.summary())
@@ -132,6 +132,7 @@ class VLLMEngine(PromptEncoder):
         start = time.perf_counter()
         folders = {name: str(folder) for name, folder in parents.items()}
         on_gpu = self.llm.collective_rpc("mergesearch_load_parents", args=(folders, placement))
+        self.parents = parents
         self.timings["parents"] = time.perf_counter() - start
         log.info("started vLLM in %.1f s; parents read in %.1f s into %d worker(s), %.1f GiB "
                  "on each GPU", self.timings["start"], self.timings["parents"], len(on_gpu),
@@ -145,7 +146,8 @@ class VLLMEngine(PromptEncoder):
         parents_bytes = sum(path.stat().st_size for folder in parents.values()
                             for path in safetensors_files(Path(folder)))
         o = self.options
-        return plan_memory(total, self.footprint, parents_bytes, len(parents),
+        footprint = ModelFootprint.of(self.model_dir, self.dtype.itemsize)
+        return plan_memory(total, footprint, parents_bytes, len(parents),
                            placement=placement, whole_tensor_merges=whole_tensor_merges,
                            tensor_parallel_size=o.tensor_parallel_size,
                            max_model_len=o.max_model_len,
@@ -160,7 +162,7 @@ class VLLMEngine(PromptEncoder):
     def load_recipe(self, recipe: MergeRecipe, hash_weights: bool = True) -> KnownHash:
         """Swap the recipe's merge into the live weights; the hash (rank 0's, computed in the
         worker before it returns) is skipped with `hash_weights=False`."""
-        if "parents" not in self.timings:
+        if self.parents is None:
             raise MergesearchError("this engine was started without parents to merge")
         digests = self.llm.collective_rpc(
             "mergesearch_load_recipe", args=(recipe.to_json(), self.options.dtype, hash_weights))
