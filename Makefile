@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+VLLM_STAMP := $(VENV)/.vllm-installed
 # CPU-only machines get the CPU build of torch, installed before the project so that the
 # project's `torch>=2.4` is already met and no CUDA packages are pulled. Point pip at
 # PyTorch's CPU wheel index (TORCH_PIP_ARGS="--index-url ...") where the plain registry
@@ -27,7 +28,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/mergesearch demo --out runs/demo
 
-test: $(STAMP) browser
+# The tests run the vLLM engine for real: vLLM's CPU build on a machine without a GPU (no
+# CUDA package comes with it), vLLM itself on one with a GPU.
+$(VLLM_STAMP): $(STAMP) mergesearch/install_vllm.py
+	$(BIN)/python -m mergesearch.install_vllm --quiet
+	touch $@
+
+test: $(STAMP) $(VLLM_STAMP) browser
 	$(BIN)/python -m pytest -q
 
 # The dashboard's browser test drives Debian's chromium through chromedriver. They are

@@ -334,3 +334,7 @@ def main() -> None:
         typer.echo("interrupted: finished trials are saved; run the same command to resume",
                    err=True)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

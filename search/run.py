@@ -53,7 +53,8 @@ def launch_study(spec_path: Path, storage: str | None = None, name: str | None =
             score_chosen_on_test(study, bench, records)
     finally:
         bench.close()
-    return f"study {study.study_name}: {finished_count(study)} finished trials"
+    return (f"study {study.study_name}: {finished_count(study)} finished trials, scored by "
+            f"the {bench.engine_name} engine")
 
 
 def score_chosen_on_test(study, bench: Workbench, records: Records) -> None:
@@ -101,7 +102,8 @@ def join_study(storage: str, name: str | None, n_trials: int | None,
                    timeout or spec.budget.timeout, records=Records.open(storage, spec))
     finally:
         bench.close()
-    return f"study {study.study_name}: {finished_count(study)} finished trials"
+    return (f"study {study.study_name}: {finished_count(study)} finished trials, scored by "
+            f"the {bench.engine_name} engine")
 
 
 def evaluate_model(spec_path: Path, model: Path, split: str,

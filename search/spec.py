@@ -204,13 +204,14 @@ HF_ONLY = ("batch_size",)
 
 
 class EngineSpec(_Strict):
-    """The engine that scores candidates: `hf` (transformers, CPU or GPU) or `vllm` (one
-    warm vLLM engine per worker on a GPU, merged weights swapped in place). Settings that only
-    one kind reads are refused under the other."""
+    """The engine that scores candidates: `hf` (transformers, CPU or GPU), `vllm` (one warm
+    vLLM engine per worker, on a GPU or on vLLM's CPU build, merged weights swapped in place)
+    or `auto` (vllm where it is installed and runs, else hf). Settings that only one kind
+    reads are refused under the other."""
 
-    kind: Literal["hf", "vllm"] = "hf"
-    device: str = Field("auto", description="hf: a torch device; vllm: auto or cuda (choose "
-                        "GPUs with CUDA_VISIBLE_DEVICES)")
+    kind: Literal["auto", "hf", "vllm"] = "hf"
+    device: str = Field("auto", description="hf: a torch device; vllm: auto, cuda (choose "
+                        "GPUs with CUDA_VISIBLE_DEVICES) or cpu, as the installed vLLM build")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     batch_size: int = Field(32, gt=0, description="hf: prompts per forward pass")
     parents: Literal["auto", "device", "pinned", "memory", "mmap"] = Field(
@@ -234,7 +235,7 @@ class EngineSpec(_Strict):
     def _settings_of_kind(self) -> EngineSpec:
         # A setting of the other kind is refused when it differs from its default (a spec
         # stored with a study holds every field, defaults included).
-        foreign = VLLM_ONLY if self.kind == "hf" else HF_ONLY
+        foreign = {"hf": VLLM_ONLY, "vllm": HF_ONLY, "auto": ()}[self.kind]
         given = [name for name in foreign
                  if getattr(self, name) != type(self).model_fields[name].default]
         if given:
@@ -243,9 +244,10 @@ class EngineSpec(_Strict):
                              f"to engine kind {other} only, and this engine is {self.kind}")
         if self.gpu_memory_utilization is not None and self.kv_cache_memory_bytes is not None:
             raise ValueError("give gpu_memory_utilization or kv_cache_memory_bytes, not both")
-        if self.kind == "vllm" and self.device not in ("auto", "cuda"):
-            raise ValueError(f"device {self.device!r}: a vllm engine runs on the GPUs that "
-                             "CUDA_VISIBLE_DEVICES shows; use auto or cuda")
+        if self.kind == "vllm" and self.device not in ("auto", "cuda", "cpu"):
+            raise ValueError(f"device {self.device!r}: a vllm engine runs where its build "
+                             "does (the GPUs that CUDA_VISIBLE_DEVICES shows, or the CPU); use "
+                             "auto, cuda or cpu")
         return self
 
 

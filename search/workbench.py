@@ -16,7 +16,13 @@ import torch
 
 from evaluators.engines import Engine, HFEngine
 from evaluators.engines.hf import resolve_dtype
-from evaluators.engines.vllm_engine import VLLMEngine, VLLMOptions, require_vllm
+from evaluators.engines.vllm_engine import (
+    VLLMEngine,
+    VLLMOptions,
+    require_vllm,
+    vllm_build,
+    vllm_missing,
+)
 from evaluators.probes import Probe, build_probe
 from evaluators.suite import ItemResult, ObjectiveDef, Suite, SuiteResult
 from mergesearch.devices import resolve_device
@@ -41,12 +47,31 @@ def vllm_options(spec: StudySpec) -> VLLMOptions:
     return VLLMOptions(dtype=dtype, **settings)
 
 
-def start_engine(spec: StudySpec, model_dir: Path, parents: Parents | None = None,
-                 materializer: Materializer | None = None) -> Engine:
-    """The spec's engine on `model_dir`; with `parents` (and their `materializer`) it can
-    load recipes. A vLLM engine reads the parents itself, inside its worker processes."""
+def engine_kind(spec: StudySpec) -> str:
+    """hf or vllm: `auto` is vllm where it is installed, runs on this machine and on the
+    spec's device."""
     engine = spec.engine
     if engine.kind == "vllm":
+        require_vllm()
+        if engine.device not in ("auto", vllm_build()):
+            raise SpecError(f"engine.device {engine.device}: the installed vLLM is its "
+                            f"{vllm_build()} build; set device auto or {vllm_build()}")
+    if engine.kind != "auto":
+        return engine.kind
+    why = vllm_missing() or (() if engine.device in ("auto", vllm_build()) else
+                             (f"the installed vLLM runs on {vllm_build()}, not on "
+                              f"{engine.device}",))
+    log.info("engine kind auto: %s", f"hf, since {why[0]}" if why else "vllm")
+    return "hf" if why else "vllm"
+
+
+def start_engine(spec: StudySpec, model_dir: Path, parents: Parents | None = None,
+                 materializer: Materializer | None = None, kind: str | None = None) -> Engine:
+    """The spec's engine (of `kind`, resolved from the spec when not given) on `model_dir`;
+    with `parents` (and their `materializer`) it can load recipes. A vLLM engine reads the
+    parents itself, inside its worker processes."""
+    engine = spec.engine
+    if (kind or engine_kind(spec)) == "vllm":
         whole = any(not get_method(m).elementwise for m in spec.merge.methods)
         return VLLMEngine(model_dir, vllm_options(spec),
                           parents=parents.folders if parents else None,
@@ -84,8 +109,8 @@ class Workbench:
     def prepare(cls, spec: StudySpec) -> Workbench:
         suite = build_suite(spec)
         folders = {p.name: p.path for p in spec.parents}
-        if spec.engine.kind == "vllm":
-            require_vllm()
+        kind = engine_kind(spec)
+        if kind == "vllm":
             placement = "mmap"  # vLLM's workers hold the parents; here only the layout is read
         else:
             device = resolve_device(spec.engine.device, "engine.device")
@@ -97,14 +122,15 @@ class Workbench:
         materializer = Materializer(parents)
         space = SearchSpace(spec, parents.layout)
         warm_starts = warm_start_points(spec, space, parents)
-        engine = start_engine(spec, spec.source_parent.path, parents, materializer)
+        engine = start_engine(spec, spec.source_parent.path, parents, materializer, kind)
         return cls(spec, parents, materializer, suite, space, engine, warm_starts)
 
     @property
     def engine_name(self) -> str:
         """What scored, as the evaluations table records it: `hf:cpu:float32`."""
         dtype = str(self.engine.dtype).removeprefix("torch.")
-        return f"{self.spec.engine.kind}:{torch.device(self.engine.device)}:{dtype}"
+        kind = "vllm" if isinstance(self.engine, VLLMEngine) else "hf"
+        return f"{kind}:{torch.device(self.engine.device)}:{dtype}"
 
     def weights_attrs(self, digest: str) -> dict[str, str]:
         """What a trial records about its merged weights, so that an export can prove it

@@ -1,45 +1,55 @@
-"""The vLLM engine's parts that run without vLLM or a GPU: the spec's engine settings, the
-one error when vLLM or a GPU is missing, the memory plan, the worker extension's merge and
-hash, and the scoring of prompt log-probabilities. vLLM itself runs only in the GPU scripts
-under bench/gpu (docs/benchmarks.md has their output)."""
+"""The vLLM engine's parts that need no running engine: the spec's engine settings, the one
+error when vLLM is missing or broken (and `kind: auto` falling back to hf then), the
+memory plan on a GPU and on the CPU, and the footprint it is made from. The engine itself
+runs in tests/test_vllm_live.py."""
 
 import ast
-import importlib
-from collections import namedtuple
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
-from evaluators.engines import HFEngine, LoglikelihoodRequest
-from evaluators.engines.gpu_memory import GiB, ModelFootprint, _problems, plan_memory
-from evaluators.engines.vllm_engine import (
-    WORKER_EXTENSION,
-    VLLMOptions,
-    continuation_score,
-    vllm_missing,
-)
-from evaluators.engines.vllm_worker import MergeWorker
-from mergesearch.errors import MergesearchError, SpecError
-from merging import Materializer, MergeRecipe, Parents
-from merging.materializer import WeightsHash
+from evaluators.engines.memory_plan import CPU_KV, GiB, ModelFootprint, _problems, plan_memory
+from evaluators.engines.vllm_engine import WORKER_EXTENSION, VLLMOptions
+from mergesearch.errors import SpecError
 from search.spec import load_spec, parse_spec
 from search.workbench import vllm_options
-from tests.test_bad_input import assert_refused
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 # ------------------------------------------------------------------ spec and missing vLLM
 
-@pytest.mark.skipif(not vllm_missing(), reason="this machine has vLLM and a GPU")
-def test_vllm_engine_without_vllm_or_gpu_is_one_clear_error(cli, write_spec, tmp_path):
-    spec = write_spec(engine={"kind": "vllm"})
-    err = assert_refused(cli, tmp_path, spec, "engine.kind vllm cannot run here")
-    for missing in vllm_missing():
-        assert missing in err
-    assert err.count("\n") == 1  # one line
+def _launch_with_broken_vllm(spec: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    """`mergesearch launch` with a `vllm` package first on the path that fails to import, as
+    an install built for another torch does."""
+    broken = tmp_path / "broken" / "vllm"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('built for another torch')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(broken.parent), str(ROOT)])}
+    return subprocess.run([sys.executable, "-m", "search.cli", "launch", str(spec),
+                           "--n-trials", "1", "--no-test"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+
+
+def test_a_broken_vllm_is_one_clear_error_and_nothing_is_written(write_spec, tmp_path):
+    done = _launch_with_broken_vllm(write_spec(engine={"kind": "vllm"}), tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == (
+        "error: engine.kind vllm cannot run here: vLLM is installed but does not import: "
+        "ImportError: built for another torch. Use engine kind hf (or auto) on this machine")
+    assert not (tmp_path / "study.db").exists()
+
+
+def test_engine_kind_auto_runs_hf_where_vllm_cannot_run(write_spec, tmp_path):
+    done = _launch_with_broken_vllm(write_spec(engine={"kind": "auto", "device": "cpu",
+                                                       "batch_size": 8}), tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "scored by the hf:cpu:float32 engine" in done.stdout
+    assert "engine kind auto: hf, since vLLM is installed but does not import" in done.stderr
 
 
 def test_settings_of_the_other_engine_kind_are_refused(write_spec):
@@ -52,8 +62,10 @@ def test_settings_of_the_other_engine_kind_are_refused(write_spec):
     with pytest.raises(SpecError, match="not both"):
         load_spec(write_spec(engine={"kind": "vllm", "gpu_memory_utilization": 0.5,
                                      "kv_cache_memory_bytes": 2**30}))
-    with pytest.raises(SpecError, match="CUDA_VISIBLE_DEVICES"):
+    with pytest.raises(SpecError, match="use auto, cuda or cpu"):
         load_spec(write_spec(engine={"kind": "vllm", "device": "cuda:1"}))
+    # auto may become either kind, so it takes the settings of both
+    load_spec(write_spec(engine={"kind": "auto", "batch_size": 8, "max_model_len": 256}))
 
 
 def test_vllm_settings_reach_the_engine_options(write_spec):
@@ -69,11 +81,6 @@ def test_vllm_settings_reach_the_engine_options(write_spec):
                       "tensor_parallel_size": 2, "seed": 7, "enable_prefix_caching": True}
     defaults = vllm_options(load_spec(write_spec(seed=11, engine={"kind": "vllm"})))
     assert defaults == VLLMOptions(dtype="bfloat16", seed=11)  # the study's seed
-
-
-def test_worker_extension_path_names_the_class():
-    module, name = WORKER_EXTENSION.rsplit(".", 1)
-    assert getattr(importlib.import_module(module), name) is MergeWorker
 
 
 def test_only_the_vllm_engine_imports_vllm_and_only_when_it_starts():
@@ -173,114 +180,44 @@ def test_footprint_is_read_from_headers_and_config(parents):
                                       * config.hidden_size // config.num_attention_heads * 2)
 
 
-# ------------------------------------------------------------------ the worker extension
+# ------------------------------------------------------------------ memory plan on the CPU
 
-class TransformersWorker(MergeWorker):
-    """What the extension is given by vLLM's worker (`device`, `rank`, `get_model()`),
-    hosting a transformers model whose `load_weights` copies each named tensor into the
-    parameter of that name, as vLLM's loaders do for unfused parameters."""
-
-    def __init__(self, model: torch.nn.Module, rank: int = 0, skip: str | None = None):
-        self.device, self.rank, self.model = torch.device("cpu"), rank, model
-        state = model.state_dict(keep_vars=True)
-
-        def load_weights(weights):
-            loaded = set()
-            for name, tensor in weights:
-                if name != skip:
-                    state[name].data.copy_(tensor)
-                    loaded.add(name)
-            return loaded
-        model.load_weights = load_weights
-
-    def get_model(self) -> torch.nn.Module:
-        return self.model
+FREE = 20 * GiB
 
 
-def _recipes():
-    yield MergeRecipe("linear", ("clinical", "instruct"),
-                      {"clinical": {"weight": {"layers.0": 0.2, "*": 0.7}},
-                       "instruct": {"weight": 0.5}})
-    yield MergeRecipe("dare_ties", ("clinical", "instruct"),
-                      {"clinical": {"weight": 0.6, "density": 0.5},
-                       "instruct": {"weight": 0.4, "density": 0.7}}, base="base", seed=3)
+def test_the_cpu_backend_gets_a_kv_cache_in_bytes_and_parents_in_memory():
+    small = ModelFootprint(weights=300 * 2**20, largest=40 * 2**20, kv_per_token=36864,
+                           max_positions=2048)
+    plan = plan_memory(FREE, small, 1200 * 2**20, 3, device="cpu")
+    assert plan.placement == "memory" and plan.parents == 1200 * 2**20
+    assert plan.kv_cache_memory_bytes == CPU_KV and plan.gpu_memory_utilization is None
+    assert VLLMOptions().llm_kwargs(Path("/m"), plan)["kv_cache_memory_bytes"] == CPU_KV
+    assert plan.summary().startswith("this machine's free memory of 20.0 GiB")
+    # a device or pinned placement means host memory on the CPU
+    assert plan_memory(FREE, small, 2**30, 2, placement="pinned", device="cpu"
+                       ).placement == "memory"
 
 
-def test_worker_merges_two_recipes_in_turn_like_the_hf_engine(parents):
-    folders = {name: str(parents[name]) for name in ("base", "clinical", "instruct")}
-    worker = TransformersWorker(AutoModelForCausalLM.from_pretrained(parents["instruct"]))
-    assert worker.mergesearch_load_parents(folders, "memory") == 0
-    engine = HFEngine(parents["instruct"], device="cpu", materializer=Materializer(
-        Parents({name: Path(folder) for name, folder in folders.items()})))
-    for recipe in _recipes():
-        digest = worker.mergesearch_load_recipe(recipe.to_json(), "float32")
-        assert digest == engine.load_recipe(recipe).hexdigest()
-        exported = WeightsHash()
-        for _ in engine.materializer.tensors(recipe, torch.float32, exported):
-            pass
-        assert digest == exported.hexdigest()
-        for name, tensor in worker.model.state_dict().items():
-            assert torch.equal(tensor, engine.model.state_dict()[name]), name
+def test_8b_parents_are_mapped_on_a_cpu_that_cannot_hold_them():
+    plan = plan_memory(28 * GiB, LLAMA_8B, PARENTS_8B, 2, max_model_len=4096,
+                       whole_tensor_merges=False, device="cpu")
+    assert plan.placement == "mmap" and plan.parents == 0
+    # what is left is shared: half to the KV cache, at least one sequence of 4096 tokens
+    assert plan.kv_min <= plan.kv_cache < CPU_KV
 
 
-def test_only_rank_zero_hashes(parents):
-    worker = TransformersWorker(AutoModelForCausalLM.from_pretrained(parents["instruct"]),
-                                rank=1)
-    worker.mergesearch_load_parents({n: str(parents[n]) for n in ("clinical", "instruct")},
-                                    "mmap")
-    recipe = next(_recipes())
-    assert worker.mergesearch_load_recipe(recipe.to_json(), "float32") is None
-
-
-def test_a_parameter_the_merge_does_not_write_is_an_error(parents):
-    worker = TransformersWorker(AutoModelForCausalLM.from_pretrained(parents["instruct"]),
-                                skip="model.norm.weight")
-    worker.mergesearch_load_parents({n: str(parents[n]) for n in ("clinical", "instruct")},
-                                    "memory")
-    with pytest.raises(MergesearchError, match="parameter 'model.norm.weight'"):
-        worker.mergesearch_load_recipe(next(_recipes()).to_json(), "float32")
-
-
-def test_worker_reads_a_checkpoint_from_disk(parents):
-    worker = TransformersWorker(AutoModelForCausalLM.from_pretrained(parents["instruct"]))
-    worker.mergesearch_load_folder(str(parents["clinical"]))
-    clinical = AutoModelForCausalLM.from_pretrained(parents["clinical"]).state_dict()
-    for name, tensor in worker.model.state_dict().items():
-        assert torch.equal(tensor, clinical[name]), name
-
-
-# ------------------------------------------------------------------ prompt log-probabilities
-
-Logprob = namedtuple("Logprob", "logprob rank decoded_token")  # vLLM's fields
-
-
-def _prompt_logprobs(model, tokens: list[int]) -> list:
-    """What vLLM returns for a prompt with prompt_logprobs=1: None for the first token, then
-    per position the prompt's own token with its rank (the number of tokens at least as
-    likely), and the most likely token with rank 1, which replaces the prompt's own entry
-    when they are the same token."""
-    with torch.no_grad():
-        logits = model(input_ids=torch.tensor([tokens])).logits[0].float().log_softmax(-1)
-    entries = [None]
-    for position in range(1, len(tokens)):
-        scores, token = logits[position - 1], tokens[position]
-        top = int(scores.argmax())
-        entries.append({token: Logprob(float(scores[token]),
-                                       int((scores >= scores[token]).sum()), None),
-                        top: Logprob(float(scores[top]), 1, None)})
-    return entries
-
-
-def test_prompt_logprobs_score_continuations_as_the_hf_engine_does(parents):
-    engine = HFEngine(parents["instruct"], device="cpu")
-    requests = [LoglikelihoodRequest("The lungs are", " clear."),
-                LoglikelihoodRequest("Answer yes or no: is the heart enlarged?", " no"),
-                LoglikelihoodRequest("", "Hello there")]
-    expected = engine.loglikelihood(requests)
-    for request, (logprob, greedy) in zip(requests, expected, strict=True):
-        tokens, count = engine.continuation_tokens(request)
-        got, got_greedy = continuation_score(_prompt_logprobs(engine.model, tokens), tokens,
-                                             count)
-        assert got == pytest.approx(logprob, abs=1e-4)
-        assert got_greedy == greedy
-
+def test_a_cpu_engine_that_cannot_fit_fails_with_the_numbers():
+    with pytest.raises(SpecError) as e:
+        plan_memory(40 * GiB, LLAMA_8B, PARENTS_8B, 2, placement="memory", max_model_len=4096,
+                    whole_tensor_merges=False, device="cpu")
+    message = str(e.value)
+    assert "this machine's free memory is 40.0 GiB but the engine needs" in message
+    assert "parents held in memory 29.9 GiB" in message and "engine.parents: mmap" in message
+    with pytest.raises(SpecError, match=r"one sequence of 131072 tokens needs 16.0 GiB; set "
+                       r"engine.max_model_len lower or give vLLM more memory "
+                       r"\(engine.kv_cache_memory_bytes\)"):
+        plan_memory(64 * GiB, LLAMA_8B, PARENTS_8B, 2, placement="mmap",
+                    kv_cache_memory_bytes=8 * GiB, device="cpu")
+    with pytest.raises(SpecError, match="sizes its KV cache in bytes; set "
+                       "engine.kv_cache_memory_bytes instead"):
+        plan_memory(FREE, LLAMA_8B, PARENTS_8B, 2, gpu_memory_utilization=0.5, device="cpu")

