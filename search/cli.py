@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -315,6 +316,9 @@ def demo(
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
+    # `kill` stops as Ctrl-C does, through the cleanup that ends an engine's processes
+    # (vLLM's would otherwise outlive this one).
+    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
     try:
         # Not standalone: typer hands back exit codes (130 for Ctrl-C) instead of exiting.
         code = app(standalone_mode=False)

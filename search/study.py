@@ -314,6 +314,7 @@ def make_objective(bench: Workbench, records: Records | None = None,
         trial.set_user_attr("dev_probes", result.probes)
         objectives = bench.objectives(result)
         trial.set_user_attr(OBJECTIVES_ATTR, objectives)
+        log.info("trial %d dev %s", trial.number, json.dumps(objectives))
         broken = [name for name, value in objectives.items() if not math.isfinite(value)]
         if broken:
             trial.set_user_attr(FAIL_REASON_ATTR, f"objective {broken[0]} is not finite")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -204,19 +205,23 @@ def finish(process: subprocess.Popen, timeout: float = 600) -> tuple[int, str, s
 
 
 def test_launch_and_a_worker_run_a_vllm_study_and_export_proves_its_hash(tmp_path):
-    spec = study_spec(tmp_path)
+    # Trials take about a second: both processes run them for a while, not to a count, so
+    # that the worker, which starts its engine once launch has made the study, has its turn.
+    spec = study_spec(tmp_path, budget={"n_trials": 1000})
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    launch = mergesearch("launch", str(spec), cwd=tmp_path)
+    launch = mergesearch("launch", str(spec), "--timeout", "60", cwd=tmp_path)
     deadline = time.monotonic() + 300
     while not (tmp_path / "study.db").exists():  # the worker joins a study that exists
         assert launch.poll() is None and time.monotonic() < deadline, launch.stderr.read()
         time.sleep(1)
-    worker = mergesearch("worker", "--storage", storage, cwd=tmp_path)
+    worker = mergesearch("worker", "--storage", storage, "--timeout", "20", cwd=tmp_path)
     code, out, err = finish(launch)
     assert code == 0, err[-3000:]
     assert "scored by the vllm:cpu:float32 engine" in out
-    code, _, worker_err = finish(worker)
+    code, worker_out, worker_err = finish(worker)
     assert code == 0, worker_err[-3000:]
+    assert "scored by the vllm:cpu:float32 engine" in worker_out
+    assert re.search(r"trial \d+ dev", worker_err), worker_err[-3000:]  # it scored trials
 
     report = json.loads(subprocess.run(
         [sys.executable, "-m", "search.cli", "report", "--storage", storage, "--json"],
@@ -253,7 +258,8 @@ def test_a_trial_that_fails_inside_the_worker_is_failed_and_the_engine_goes_on(t
                for f in report["failures"]["trials"])
 
 
-def test_ctrl_c_stops_launch_and_its_vllm_processes(tmp_path):
+@pytest.mark.parametrize("stop", ["ctrl-c", "kill"])
+def test_an_interrupted_launch_leaves_no_vllm_process(tmp_path, stop):
     launch = mergesearch("launch", str(study_spec(tmp_path, budget={"n_trials": 200})),
                          cwd=tmp_path)
     deadline = time.monotonic() + 300
@@ -261,7 +267,10 @@ def test_ctrl_c_stops_launch_and_its_vllm_processes(tmp_path):
         assert launch.poll() is None and time.monotonic() < deadline, launch.stderr.read()
         time.sleep(1)
     time.sleep(5)  # trials are under way
-    os.killpg(launch.pid, signal.SIGINT)  # as the terminal does on Ctrl-C
+    if stop == "ctrl-c":  # the terminal signals the whole foreground group
+        os.killpg(launch.pid, signal.SIGINT)
+    else:  # `kill PID` signals launch alone
+        os.kill(launch.pid, signal.SIGTERM)
     code, _, err = finish(launch, timeout=120)
     assert code == 130, err[-3000:]
     assert "interrupted: finished trials are saved" in err
@@ -271,7 +280,8 @@ def test_an_error_after_the_engine_started_leaves_no_vllm_process(tmp_path):
     """The storage is opened once the engine runs: a database that is not there ends
     launch with one error, and the engine's processes end with it."""
     launch = mergesearch("launch", str(study_spec(tmp_path)), "--storage",
-                         f"sqlite:///{tmp_path / 'no such folder' / 'study.db'}", cwd=tmp_path)
+                         "postgresql://root@127.0.0.1:5432/mergesearch_no_such_database",
+                         cwd=tmp_path)
     code, _, err = finish(launch)
     assert code == 2, err[-3000:]
     assert err.strip().splitlines()[-1].startswith("error: ")

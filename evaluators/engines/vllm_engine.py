@@ -155,9 +155,9 @@ class VLLMEngine(PromptEncoder):
         on_gpu = self.llm.collective_rpc("mergesearch_load_parents", args=(folders, placement))
         self.parents = parents
         self.timings["parents"] = time.perf_counter() - start
-        log.info("started vLLM (%s) in %.1f s; parents read in %.1f s into %d worker(s), "
-                 "%.1f GiB on each GPU", self.device, self.timings["start"],
-                 self.timings["parents"], len(on_gpu), max(on_gpu) / 2**30)
+        log.info("started vLLM (%s) in %.1f s; parents read in %.1f s into %d worker(s) (%s%s)",
+                 self.device, self.timings["start"], self.timings["parents"], len(on_gpu),
+                 placement, f", {max(on_gpu) / 2**30:.1f} GiB on each GPU" if max(on_gpu) else "")
 
     def _plan(self, parents: dict[str, Path], placement: str, whole_tensor_merges: bool
               ) -> MemoryPlan:
