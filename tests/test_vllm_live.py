@@ -157,12 +157,13 @@ def test_the_prefix_cache_is_reset_at_each_swap(warm, fresh):
 # ------------------------------------------------------------------ whole studies
 
 def study_spec(tmp_path: Path, **changes) -> Path:
-    """The demo spec on the vLLM engine, with few items and trials."""
-    spec = yaml.safe_load((ASSETS / "spec.yaml").read_text())
-    for parent in spec["parents"]:
-        parent["path"] = str(MODELS[parent["name"]])
+    """The README's vLLM example (the demo study on the vLLM engine), with few items and
+    trials, in float32 and eager."""
+    example = ROOT / "examples" / "demo_vllm.yaml"
+    spec = yaml.safe_load(example.read_text())
+    for entry in spec["parents"] + spec["probes"]:
+        entry["path"] = str((example.parent / entry["path"]).resolve())
     for probe in spec["probes"]:
-        probe["path"] = str(ASSETS / probe["path"])
         probe["limit"] = 8
     spec["engine"] = {"kind": "vllm", "dtype": "float32", "enforce_eager": True,
                       "kv_cache_memory_bytes": KV_BYTES}
@@ -227,7 +228,7 @@ def test_launch_and_a_worker_run_a_vllm_study_and_export_proves_its_hash(tmp_pat
         [sys.executable, "-m", "search.cli", "report", "--storage", storage, "--json"],
         capture_output=True, text=True, check=True).stdout)
     assert report["trials"]["complete"] >= 5 and report["trials"]["fail"] == 0
-    evaluations = RecordStore.open(storage).evaluations("demo")
+    evaluations = RecordStore.open(storage).evaluations("demo-vllm")
     scored = [e for e in evaluations if e.outcome == "complete"]
     assert scored and all(e.engine == "vllm:cpu:float32" and e.items for e in scored)
     assert {e.items[0].output for e in scored if e.split == "dev"} - {""}
