@@ -10,7 +10,9 @@ proven to be the same weights.
 Every parameter of every tensor is resolved and checked before the first tensor is merged,
 so a bad recipe fails before anything is written. Random methods (DARE, DELLA) draw their
 masks from a generator seeded by the recipe's seed and the tensor's name: the same recipe
-gives the same bytes on any run and in any tensor order.
+gives the same bytes on any run and in any tensor order. Every method's reductions add in an
+order fixed by construction (`merging.methods.fixed_sum`), so on a CPU the bytes do not
+depend on torch's thread count either.
 """
 
 from __future__ import annotations

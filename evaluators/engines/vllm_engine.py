@@ -61,6 +61,9 @@ def vllm_missing() -> tuple[str, ...]:
         return ("the installed vLLM is its CUDA build and this machine has no CUDA GPU that "
                 "torch can see (python -m mergesearch.install_vllm --cpu installs vLLM's CPU "
                 "build instead)",)
+    # vLLM's own INFO lines (each from three processes) drown the study's; the user's
+    # setting wins. Set before the first import, and inherited by vLLM's processes.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
         import vllm  # noqa: F401
     except Exception as e:  # installed, but not for this torch or this machine

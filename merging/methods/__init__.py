@@ -22,6 +22,46 @@ from mergesearch.errors import MergesearchError
 CHUNK = 1 << 18  # elements merged at a time by chunked kernels: fits in a core's cache
 
 
+def fixed_sum(x: torch.Tensor, dim: int | None = None, keepdim: bool = False,
+              scratch: bool = False) -> torch.Tensor:
+    """The sum of `x` (all of it, or along `dim`), added in an order fixed by construction.
+    `scratch`: `x` is the caller's temporary, which the sum may overwrite (no extra memory).
+
+    Every reduction in a merge method goes through here. Torch's CPU reductions split the work
+    by thread count, so their rounding depends on torch.set_num_threads (vLLM's CPU worker
+    and the main process merged different bytes, and a trial's hash did not prove). Here the
+    sum is a pairwise tree of elementwise additions (first half plus second half, repeated):
+    each entry added is one IEEE addition of two fixed operands, so no thread count, vector
+    width or alignment can change a bit, and the additions still run on every thread. On a
+    GPU the plain reduction, whose order does not depend on CPU threads."""
+    if x.device.type != "cpu" or not x.is_floating_point():  # integers add alike in any order
+        return x.sum() if dim is None else x.sum(dim, keepdim=keepdim)
+    if dim is None:
+        x, dim = x.reshape(-1), 0
+    n = x.shape[dim]
+    if n <= 1:  # nothing to order
+        return x.sum(dim, keepdim=keepdim)
+    h = n // 2
+    acc = x.narrow(dim, 0, h)
+    acc = acc.add_(x.narrow(dim, h, h)) if scratch else acc + x.narrow(dim, h, h)
+    while True:
+        if n % 2:  # the odd entry joins the last pair
+            acc.narrow(dim, h - 1, 1).add_(x.narrow(dim, n - 1, 1))
+        if h == 1:
+            break
+        x, n, h = acc, h, h // 2
+        acc = x.narrow(dim, 0, h).add_(x.narrow(dim, h, h))  # in place, in our own buffer
+    acc = acc if keepdim else acc.squeeze(dim)
+    if 2 * acc.nbytes <= acc.untyped_storage().nbytes():  # do not hold a big buffer alive
+        acc = acc.clone(memory_format=torch.contiguous_format)
+    return acc
+
+
+def fixed_norm(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
+    """The L2 norm of `x` (all of it, or along `dim`), summed by `fixed_sum`."""
+    return fixed_sum(x * x, dim, keepdim, scratch=True).sqrt_()
+
+
 @dataclass(frozen=True)
 class Param:
     """One method parameter. `default=None` means the recipe must give it."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from merging.methods import MergeMethod, Param, register
+from merging.methods import MergeMethod, Param, fixed_norm, fixed_sum, register
 
 
 def model_stock(
@@ -20,14 +20,14 @@ def model_stock(
     else:
         w0, ws = base.reshape(-1), [x.reshape(-1) for x in tensors]
     offsets = [x - w0 for x in ws]
-    norms = [torch.norm(o, dim=-1) for o in offsets]
+    norms = [fixed_norm(o, dim=-1) for o in offsets]
     cosines = [
-        ((a * b).sum(dim=-1) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
+        (fixed_sum(a * b, -1, scratch=True) / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
         for i, a in enumerate(offsets)
         for j, b in enumerate(offsets)
         if j > i
     ]
-    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    cos = (fixed_sum(torch.stack(cosines), 0) / len(cosines)).unsqueeze(-1)
     k = len(ws)
     denominator = 1 + (k - 1) * cos
     singular = denominator.abs() < 1e-6  # no finite estimate: keep the base there

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import torch
 
-from merging.methods import MergeMethod, Param, register
+from merging.methods import MergeMethod, Param, fixed_norm, fixed_sum, register
 
 EPS = 1e-8
 
 
 def _unit(x: torch.Tensor) -> torch.Tensor:
-    return x / torch.norm(x, dim=-1, keepdim=True).clamp(min=1e-7)
+    return x / fixed_norm(x, dim=-1, keepdim=True).clamp(min=1e-7)
 
 
 def nuslerp_vectors(t: float, v0: torch.Tensor, v1: torch.Tensor) -> torch.Tensor:
     """Slerp along the last dimension; rows whose cosine is within EPS² of ±1 go linear."""
-    cos = (_unit(v0) * _unit(v1)).sum(dim=-1, keepdim=True).clamp(-1, 1)
+    cos = fixed_sum(_unit(v0) * _unit(v1), -1, keepdim=True, scratch=True).clamp(-1, 1)
     collinear = (1 - cos.square()) <= EPS**2
     theta = torch.acos(torch.where(collinear, 0, cos))
     spherical = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from merging.methods import CHUNK, MergeMethod, Param, register
+from merging.methods import CHUNK, MergeMethod, Param, fixed_sum, register
 
 DOT_THRESHOLD = 0.9995
 EPS = 1e-8
@@ -24,12 +24,29 @@ def slerp_coefficients(t: float, norm0: float, norm1: float, dot: float) -> tupl
     return math.sin((1.0 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
 
 
+def slerp_statistics(v0: torch.Tensor, v1: torch.Tensor) -> tuple[float, float, float]:
+    """|v0|², |v1|² and v0·v1 of two flat tensors, converted to float32 a cache-sized chunk
+    at a time. The products are added position by position over the chunks, then each row of
+    running sums by `fixed_sum`: every addition has fixed operands, whatever the threads."""
+    width = min(CHUNK, v0.numel())
+    stats = torch.zeros(3, width, dtype=torch.float32, device=v0.device)
+    products = torch.empty_like(stats)
+    for start in range(0, v0.numel(), CHUNK):
+        a, b = v0[start : start + CHUNK].float(), v1[start : start + CHUNK].float()
+        n = a.numel()
+        for row, (x, y) in enumerate(((a, a), (b, b), (a, b))):
+            torch.mul(x, y, out=products[row, :n])
+        stats[:, :n] += products[:, :n]
+    sq0, sq1, dot = fixed_sum(stats.double(), -1).tolist()  # one device sync per tensor
+    return sq0, sq1, dot
+
+
 def slerp(tensors: list[torch.Tensor], base: torch.Tensor | None, t: float) -> torch.Tensor:
     """merged = sin((1-t)θ)/sinθ · base + sin(tθ)/sinθ · x, θ the angle between base and x."""
     (other,) = tensors
     assert base is not None
-    v0, v1 = base.reshape(-1), other.reshape(-1)
-    c0, c1 = slerp_coefficients(t, v0.norm().item(), v1.norm().item(), v0.dot(v1).item())
+    sq0, sq1, dot = slerp_statistics(base.reshape(-1), other.reshape(-1))
+    c0, c1 = slerp_coefficients(t, math.sqrt(sq0), math.sqrt(sq1), dot)
     return torch.mul(base, c0).add_(other, alpha=c1)
 
 
@@ -42,11 +59,7 @@ def slerp_into(tensors: list[torch.Tensor], base: torch.Tensor | None, out: torc
             and base.is_contiguous() and other.is_contiguous() and out.is_contiguous()):
         return False
     v0, v1, flat = base.view(-1), other.view(-1), out.view(-1)
-    stats = torch.zeros(3, dtype=torch.float64, device=out.device)  # |v0|², |v1|², v0·v1
-    for start in range(0, flat.numel(), CHUNK):
-        a, b = v0[start : start + CHUNK].float(), v1[start : start + CHUNK].float()
-        stats += torch.stack([a.dot(a), b.dot(b), a.dot(b)])
-    sq0, sq1, dot = stats.tolist()  # one device sync per tensor
+    sq0, sq1, dot = slerp_statistics(v0, v1)
     c0, c1 = slerp_coefficients(t, math.sqrt(sq0), math.sqrt(sq1), dot)
     for start in range(0, flat.numel(), CHUNK):
         # out of place: .float() of a float32 parent is the parent itself

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import torch
 
+from merging.methods import fixed_sum
+
 
 def _rescaled(delta: torch.Tensor, mask: torch.Tensor, rescale: bool) -> torch.Tensor:
     masked = delta * mask
     if not rescale:
         return masked
-    before, after = delta.abs().sum(), masked.abs().sum()
+    before = fixed_sum(delta.abs(), scratch=True)
+    after = fixed_sum(masked.abs(), scratch=True)
     if before < 1e-7 or after < 1e-7:
         return masked
     return masked.mul_(before / after)
@@ -39,7 +42,7 @@ def top_k_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     bounds = torch.tensor([max(q - 0.01, 0.0), min(q + 0.01, 1.0)], device=values.device)
     low, high = torch.quantile(sample, bounds).tolist()
     above = values > high
-    need = k - int(above.sum())
+    need = k - int(above.sum())  # a count: integers add alike in any order
     band = torch.nonzero((values >= low) & ~above).flatten()
     if need < 0 or need > band.numel():
         mask[torch.topk(values, k, sorted=False).indices] = True

@@ -11,7 +11,7 @@ from functools import partial
 
 import torch
 
-from merging.methods import MergeMethod, Param, register
+from merging.methods import MergeMethod, Param, fixed_sum, register
 from merging.methods import sparsify as sp
 
 SPARSIFIERS = {
@@ -59,14 +59,14 @@ def task_arithmetic(
     weights = weights.reshape(-1, *([1] * base.dim()))
     deltas.mul_(weights)
     if consensus:
-        majority = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)
+        majority = torch.where(fixed_sum(deltas, 0) >= 0, 1.0, -1.0).to(deltas.dtype)
         agree = deltas.sign() == majority
-        mixed = (deltas * agree).sum(dim=0)
-        divisor = (weights * agree).sum(dim=0)
+        mixed = fixed_sum(deltas * agree, 0)
+        divisor = fixed_sum(weights * agree, 0)
         divisor[divisor == 0] = 1
     else:
-        mixed = deltas.sum(dim=0)
-        divisor = weights.sum(dim=0)
+        mixed = fixed_sum(deltas, 0)
+        divisor = fixed_sum(weights, 0)
         divisor[divisor.abs() < 1e-8] = 1
     if normalize:
         mixed /= divisor
