@@ -3,7 +3,9 @@ made on the GPU (no download: the GPU machines have no network) and written once
 
 `tiny` is a smoke-test shape (head size 64, which every vLLM attention backend takes);
 `8b` is Llama-3.1-8B's (32 layers, hidden 4096, MLP 14336, 32 heads, 8 KV heads, vocabulary
-128256). Each shape has a `base` and two fine-tunes of it, `clinical` and `instruct`.
+128256); `150m` (153M parameters with the 1024-token vocabulary) and its smoke-test stand-in
+`15m` are what bench/vllm_cpu.py runs on the CPU, where the folders are made too. Each shape
+has a `base` and two fine-tunes of it, `clinical` and `instruct`.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-from bench.merge_speed import random_state  # noqa: E402
+from bench.merge_speed import random_state, timed  # noqa: E402
 from evaluators.engines.vllm_engine import vllm_missing  # noqa: E402
 from search.demo import synthetic  # noqa: E402
 from search.demo.build import build_tokenizer  # noqa: E402
 
 # hidden, intermediate, layers, heads, kv heads, vocabulary (None: the tokenizer's), std
-SHAPES = {"tiny": (256, 512, 2, 4, 2, None, 0.2), "8b": (4096, 14336, 32, 32, 8, 128256, 0.02)}
+SHAPES = {"tiny": (256, 512, 2, 4, 2, None, 0.2), "8b": (4096, 14336, 32, 32, 8, 128256, 0.02),
+          "150m": (768, 3072, 16, 12, 12, None, 0.02), "15m": (512, 1536, 4, 8, 8, None, 0.02)}
 
 
 def argument_parser(doc: str, shape: str, prompts: int, max_new_tokens: int
@@ -67,14 +70,15 @@ def llama_config(shape: str, tokenizer) -> LlamaConfig:
         pad_token_id=tokenizer.pad_token_id, bos_token_id=None, torch_dtype="bfloat16")
 
 
-def make_parents(root: Path, shape: str, names: tuple[str, ...] = ("base", "clinical", "instruct")
-                 ) -> dict[str, Path]:
-    """Folders under root/shape: made once, reused by later runs on the same machine."""
+def make_parents(root: Path, shape: str, names: tuple[str, ...] = ("base", "clinical", "instruct"),
+                 tokenizer=None) -> dict[str, Path]:
+    """Folders under root/shape: made once, reused by later runs on the same machine; with
+    `tokenizer` (else one trained on probe-length prompts) saved into each."""
     folders = {name: root / shape / name for name in names}
     if all((f / "model.safetensors").is_file() for f in folders.values()):
         return folders
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = build_tokenizer(prompts(400), vocab_size=1024)
+    tokenizer = tokenizer or build_tokenizer(prompts(400), vocab_size=1024)
     config = llama_config(shape, tokenizer)
     with torch.device("meta"):
         shapes = {k: v.shape for k, v in LlamaForCausalLM(config).state_dict().items()}
@@ -97,6 +101,14 @@ def make_parents(root: Path, shape: str, names: tuple[str, ...] = ("base", "clin
     del base
     torch.cuda.empty_cache() if device == "cuda" else None
     return folders
+
+
+def generation_speed(engine, requests: list, device: str = "cuda") -> tuple[float, float]:
+    """(requests per second, generated tokens per second: the outputs re-tokenized)."""
+    outputs: list[str] = []
+    seconds = timed(lambda: outputs.extend(engine.generate(requests)), device)
+    tokens = sum(len(engine.tokenizer(o, add_special_tokens=False)["input_ids"]) for o in outputs)
+    return len(requests) / seconds, tokens / seconds
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:

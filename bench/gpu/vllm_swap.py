@@ -34,6 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 from bench.gpu.models import (  # noqa: E402
     argument_parser,
+    generation_speed,
     make_parents,
     parse_on_gpu,
     prompts,
@@ -56,14 +57,6 @@ def random_recipe(method: str, layers: int, rng: random.Random) -> MergeRecipe:
             "instruct": {"weight": {g: 1.0 - w for g, w in weight.items()}}})
     return MergeRecipe("ties", ("clinical",), {"clinical": {"weight": weight, "density": 0.5}},
                        base="instruct")
-
-
-def generation_speed(engine, requests: list[GenerationRequest]) -> tuple[float, float]:
-    """(requests per second, generated tokens per second)."""
-    outputs: list[str] = []
-    seconds = timed(lambda: outputs.extend(engine.generate(requests)), "cuda")
-    tokens = sum(len(engine.tokenizer(o, add_special_tokens=False)["input_ids"]) for o in outputs)
-    return len(requests) / seconds, tokens / seconds
 
 
 def main() -> None:
