@@ -2,9 +2,10 @@
 
 The engine starts once, from the source parent's folder, with `MergeWorker` as its worker
 extension; the parents are then read once inside vLLM's worker processes. `load_recipe` sends
-the recipe (JSON) to every worker, which merges on its GPU and writes into the live
-parameters in place, and then the prefix cache is reset so that no KV computed for the last
-candidate is read for this one. No candidate restarts the engine or touches the disk.
+the recipe (JSON) to every worker, which merges on its device (a GPU, or the CPU with vLLM's
+CPU build) and writes into the live parameters in place, and then the prefix cache is reset
+so that no KV computed for the last candidate is read for this one. No candidate restarts
+the engine or touches the disk.
 
 Only vLLM's public API is used (`LLM`, `LLM.generate`, `LLM.collective_rpc`,
 `LLM.reset_prefix_cache`, `SamplingParams`), and vLLM is imported when an engine starts,
