@@ -47,7 +47,9 @@ def argument_parser(doc: str, shape: str, prompts: int, max_new_tokens: int
 def parse_on_gpu(parser: argparse.ArgumentParser, script: str) -> argparse.Namespace:
     """The arguments, or an exit that says what this machine lacks for vLLM."""
     args = parser.parse_args()
-    missing = vllm_missing()
+    missing = vllm_missing() or (() if torch.cuda.is_available() else
+                                 ("this machine has no CUDA GPU (bench/vllm_cpu.py measures "
+                                  "vLLM's CPU build)",))
     if missing:
         sys.exit(f"{Path(script).name} needs a GPU with vLLM: {'; '.join(missing)}")
     return args
