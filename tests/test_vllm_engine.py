@@ -17,6 +17,7 @@ from evaluators.engines.vllm_engine import WORKER_EXTENSION, VLLMOptions
 from mergesearch.errors import SpecError
 from search.spec import load_spec, parse_spec
 from search.workbench import vllm_options
+from tests.test_bad_input import assert_refused
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,6 +51,14 @@ def test_engine_kind_auto_runs_hf_where_vllm_cannot_run(write_spec, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "scored by the hf:cpu:float32 engine" in done.stdout
     assert "engine kind auto: hf, since vLLM is installed but does not import" in done.stderr
+
+
+def test_a_kv_cache_that_cannot_hold_one_sequence_is_refused_before_vllm_starts(
+        cli, write_spec, tmp_path):
+    spec = write_spec(engine={"kind": "vllm", "kv_cache_memory_bytes": 4096})
+    err = assert_refused(cli, tmp_path, spec, "engine: the vLLM engine does not fit",
+                         "but one sequence of", "engine.kv_cache_memory_bytes")
+    assert err.count("\n") == 1  # one line
 
 
 def test_settings_of_the_other_engine_kind_are_refused(write_spec):
