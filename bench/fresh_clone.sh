@@ -11,7 +11,7 @@ cd "$work/clone"
 timed() {  # timed LABEL CMD...: run, keep the log, print seconds
     local start end
     start=$(date +%s.%N)
-    "${@:2}" > "$work/$1.log" 2>&1 || { tail -n 40 "$work/$1.log"; exit 1; }
+    "${@:2}" > "$work/$1.log" 2>&1 || { tail -n 40 "$work/$1.log" >&2; exit 1; }
     end=$(date +%s.%N)
     python3 -c "print(f'{$end - $start:.0f}')"
 }
@@ -19,7 +19,8 @@ timed() {  # timed LABEL CMD...: run, keep the log, print seconds
 demo_s=$(timed demo make demo)
 study_s=$(grep -o 'study took [0-9.]* s' "$work/demo.log" | grep -o '[0-9.]*' || echo "?")
 test_s=$(timed test make test)
-tests=$(grep -E '^[0-9]+ passed' "$work/test.log" | tail -n 1)
+# pytest's closing line, bare or framed in '=' when it also reports warnings
+tests=$(grep -E '^=* ?[0-9]+ passed' "$work/test.log" | tail -n 1 | tr -d '=' | xargs || true)
 
 row="| $(date -u +%F) | $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -m) | ${demo_s} s (study ${study_s} s) | ${test_s} s ($tests) |"
 echo "$row"
