@@ -51,16 +51,15 @@ def engine_kind(spec: StudySpec) -> str:
     """hf or vllm: `auto` is vllm where it is installed, runs on this machine and on the
     spec's device."""
     engine = spec.engine
+    if engine.kind == "hf":
+        return "hf"
+    why = vllm_missing()
+    if not why and engine.device not in ("auto", vllm_build()):
+        why = (f"engine.device is {engine.device} and the installed vLLM is its "
+               f"{vllm_build()} build",)
     if engine.kind == "vllm":
-        require_vllm()
-        if engine.device not in ("auto", vllm_build()):
-            raise SpecError(f"engine.device {engine.device}: the installed vLLM is its "
-                            f"{vllm_build()} build; set device auto or {vllm_build()}")
-    if engine.kind != "auto":
-        return engine.kind
-    why = vllm_missing() or (() if engine.device in ("auto", vllm_build()) else
-                             (f"the installed vLLM runs on {vllm_build()}, not on "
-                              f"{engine.device}",))
+        require_vllm(why)
+        return "vllm"
     log.info("engine kind auto: %s", f"hf, since {why[0]}" if why else "vllm")
     return "hf" if why else "vllm"
 

@@ -13,7 +13,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from evaluators.engines.memory_plan import CPU_KV, GiB, ModelFootprint, _problems, plan_memory
-from evaluators.engines.vllm_engine import WORKER_EXTENSION, VLLMOptions
+from evaluators.engines.vllm_engine import WORKER_EXTENSION, VLLMOptions, vllm_build
 from mergesearch.errors import SpecError
 from search.spec import load_spec, parse_spec
 from search.workbench import vllm_options
@@ -59,6 +59,14 @@ def test_a_kv_cache_that_cannot_hold_one_sequence_is_refused_before_vllm_starts(
     err = assert_refused(cli, tmp_path, spec, "engine: the vLLM engine does not fit",
                          "but one sequence of", "engine.kv_cache_memory_bytes")
     assert err.count("\n") == 1  # one line
+
+
+def test_a_device_the_installed_vllm_does_not_run_on_is_refused(cli, write_spec, tmp_path):
+    other = "cpu" if vllm_build() == "cuda" else "cuda"
+    err = assert_refused(cli, tmp_path, write_spec(engine={"kind": "vllm", "device": other}),
+                         f"engine.kind vllm cannot run here: engine.device is {other} and "
+                         f"the installed vLLM is its {vllm_build()} build")
+    assert err.count("\n") == 1
 
 
 def test_settings_of_the_other_engine_kind_are_refused(write_spec):

@@ -72,11 +72,13 @@ def vllm_missing() -> tuple[str, ...]:
     return ()
 
 
-def require_vllm(where: str = "engine.kind") -> None:
-    missing = vllm_missing()
+def require_vllm(missing: tuple[str, ...] | None = None) -> None:
+    """Raise the user's error when vLLM cannot run (for what `vllm_missing` finds, or for
+    the reasons given)."""
+    missing = vllm_missing() if missing is None else missing
     if missing:
-        raise SpecError(f"{where} vllm cannot run here: {'; and '.join(missing)}. Use engine "
-                        "kind hf (or auto) on this machine")
+        raise SpecError(f"engine.kind vllm cannot run here: {'; and '.join(missing)}. Use "
+                        "engine kind hf (or auto) on this machine")
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ worker's own.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -31,6 +32,13 @@ from merging.parents import Parents, load_tensors
 from merging.recipe import MergeRecipe
 
 
+def _not_rotary(record: logging.LogRecord) -> bool:
+    # A reload warns, for each layer, of every module it loaded nothing into; the rotary
+    # embeddings hold no checkpoint tensor (vLLM keeps their cache as it was), so at each swap
+    # that would be one false warning per layer.
+    return "RotaryEmbedding: Failed to load weights" not in record.getMessage()
+
+
 class MergeWorker:
     # Given by vLLM's worker, whose bases this class joins: device, rank, reload_weights().
     # No names of the worker's are defined here, not even as stubs: they would shadow its own.
@@ -39,6 +47,8 @@ class MergeWorker:
     def mergesearch_load_parents(self, folders: dict[str, str], placement: str) -> int:
         """Read the parents once; `placement` is `device` (this worker's GPU), `pinned`,
         `memory` or `mmap`. Returns the bytes they hold on the GPU."""
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").addFilter(
+            _not_rotary)
         where = str(self.device) if placement == "device" else placement
         parents = Parents({name: Path(folder) for name, folder in folders.items()}, where)
         self.mergesearch_materializer = Materializer(parents)
