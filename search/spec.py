@@ -217,7 +217,8 @@ class EngineSpec(_Strict):
     parents: Literal["auto", "device", "pinned", "memory", "mmap"] = Field(
         "auto", description="where parent weights stay resident between trials (auto: hf, "
         "on the device if they take under half its free memory, else pinned or host memory "
-        "or mmap; vllm, on the GPU if the memory plan fits them there, else pinned)")
+        "or mmap; vllm on a GPU, on the GPU if the memory plan fits them there, else pinned; "
+        "vllm on the CPU, in memory if they fit, else mmap)")
     max_model_len: int | None = Field(None, gt=1, description="vllm: positions per sequence "
                                       "(default: the model's own)")
     gpu_memory_utilization: float | None = Field(

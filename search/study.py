@@ -292,6 +292,11 @@ def _score(bench: Workbench, trial: optuna.Trial, recipe: MergeRecipe,
         outcome = "pruned"
         raise
     except Exception as e:  # out of memory, a recipe the merger refuses, an engine error
+        if interrupt is not None and interrupt.requested:
+            # Ctrl-C at a terminal reaches the engine's own processes too, and vLLM's stop at
+            # once: the trial's error is then the interrupt's doing, not the recipe's.
+            error = "interrupted"
+            raise KeyboardInterrupt from e
         error = f"{type(e).__name__}: {e}"
         trial.set_user_attr(FAIL_REASON_ATTR, error[:2000])
         bench.recover()

@@ -56,7 +56,7 @@ def engine_kind(spec: StudySpec) -> str:
     why = vllm_missing()
     if not why and engine.device not in ("auto", vllm_build()):
         why = (f"engine.device is {engine.device} and the installed vLLM is its "
-               f"{vllm_build()} build",)
+               f"{vllm_build()} build (engine.device auto runs it there)",)
     if engine.kind == "vllm":
         require_vllm(why)
         return "vllm"

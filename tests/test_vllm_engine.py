@@ -57,7 +57,7 @@ def test_a_kv_cache_that_cannot_hold_one_sequence_is_refused_before_vllm_starts(
         cli, write_spec, tmp_path):
     spec = write_spec(engine={"kind": "vllm", "kv_cache_memory_bytes": 4096})
     err = assert_refused(cli, tmp_path, spec, "engine: the vLLM engine does not fit",
-                         "but one sequence of", "engine.kv_cache_memory_bytes")
+                         "but one sequence of", "kv_cache_memory_bytes")
     assert err.count("\n") == 1  # one line
 
 

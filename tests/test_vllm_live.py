@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from evaluators.engines import GenerationRequest, HFEngine, LoglikelihoodRequest
-from evaluators.engines.vllm_engine import VLLMEngine, VLLMOptions, vllm_missing
+from evaluators.engines.vllm_engine import VLLMEngine, VLLMOptions, vllm_build, vllm_missing
 from merging import Materializer, MergeRecipe, Parents
 from merging.materializer import WeightsHash
 from search.export import write_model_folder
@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ASSETS = ROOT / "search" / "demo" / "assets"
 MODELS = {name: ASSETS / "models" / name for name in ("base", "clinical", "instruct")}
 KV_BYTES = 64 * 2**20  # the demo models need 4 KiB per token in float32
+ENGINE = f"vllm:{vllm_build()}:float32"  # what the studies below record as the engine
 
 if vllm_missing():  # these tests must run wherever `make test` does: never skip them
     pytest.fail(f"the vLLM engine tests need vLLM: {vllm_missing()[0]}; `make test` installs "
@@ -118,9 +119,19 @@ def fresh(exported) -> list[tuple[list[str], list, float]]:
     return scored
 
 
+# DELLA cannot prune at density 0.1 with epsilon 0.2: the merge refuses layer 2's tensors.
+REFUSED = MergeRecipe("della", ("clinical", "instruct"),
+                      {"clinical": {"weight": 0.5}, "instruct": {"weight": 0.5}},
+                      {"density": {"layers.2": 0.1, "*": 0.5}, "epsilon": 0.2}, base="base")
+
+
 def test_swapped_recipes_score_as_fresh_engines_and_the_hf_engine(warm, exported, fresh):
+    """Between the two, a recipe the merger refuses: the engine must hold none of it."""
     for recipe, (folder, digest), (texts, scores, _) in zip(RECIPES, exported, fresh,
                                                              strict=True):
+        if recipe is RECIPES[1]:
+            with pytest.raises(Exception, match="tensor 'model.layers.2.*epsilon = 0.2"):
+                warm.load_recipe(REFUSED)
         assert warm.load_recipe(recipe).hexdigest() == digest, recipe.method
         warm_texts, warm_scores = results(warm)
         assert warm_texts == texts, recipe.method
@@ -178,10 +189,24 @@ def study_spec(tmp_path: Path, **changes) -> Path:
 
 def mergesearch(*args: str, cwd: Path) -> subprocess.Popen:
     """The CLI as a user runs it, in a session of its own (so that every process it starts
-    can be found afterwards)."""
-    return subprocess.Popen([sys.executable, "-m", "search.cli", *args], cwd=cwd,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    can be found afterwards), its output in files beside the study (never a pipe that
+    nobody reads while another process is waited for)."""
+    name = cwd / f"{args[0]}-{time.monotonic_ns()}"
+    process = subprocess.Popen([sys.executable, "-m", "search.cli", *args], cwd=cwd,
+                               stdout=open(f"{name}.out", "w"), stderr=open(f"{name}.err", "w"),
+                               start_new_session=True,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+    process.logs = name  # type: ignore[attr-defined]
+    return process
+
+
+def wait_for_study(process: subprocess.Popen, folder: Path) -> None:
+    """Until launch has made its study (which it does once its engine runs)."""
+    deadline = time.monotonic() + 300
+    while not (folder / "study.db").exists():
+        assert process.poll() is None, Path(f"{process.logs}.err").read_text()[-3000:]
+        assert time.monotonic() < deadline, "launch made no study in 300 s"
+        time.sleep(1)
 
 
 def processes_of(session: int) -> list[psutil.Process]:
@@ -197,7 +222,8 @@ def processes_of(session: int) -> list[psutil.Process]:
 
 def finish(process: subprocess.Popen, timeout: float = 600) -> tuple[int, str, str]:
     """Wait for the CLI to exit, then for every process of its session to be gone."""
-    out, err = process.communicate(timeout=timeout)
+    process.wait(timeout=timeout)
+    out, err = (Path(f"{process.logs}.{kind}").read_text() for kind in ("out", "err"))
     deadline = time.monotonic() + 30
     while (left := processes_of(process.pid)) and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -211,17 +237,14 @@ def test_launch_and_a_worker_run_a_vllm_study_and_export_proves_its_hash(tmp_pat
     spec = study_spec(tmp_path, budget={"n_trials": 1000})
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     launch = mergesearch("launch", str(spec), "--timeout", "60", cwd=tmp_path)
-    deadline = time.monotonic() + 300
-    while not (tmp_path / "study.db").exists():  # the worker joins a study that exists
-        assert launch.poll() is None and time.monotonic() < deadline, launch.stderr.read()
-        time.sleep(1)
+    wait_for_study(launch, tmp_path)  # the worker joins a study that exists
     worker = mergesearch("worker", "--storage", storage, "--timeout", "20", cwd=tmp_path)
     code, out, err = finish(launch)
     assert code == 0, err[-3000:]
-    assert "scored by the vllm:cpu:float32 engine" in out
+    assert f"scored by the {ENGINE} engine" in out
     code, worker_out, worker_err = finish(worker)
     assert code == 0, worker_err[-3000:]
-    assert "scored by the vllm:cpu:float32 engine" in worker_out
+    assert f"scored by the {ENGINE} engine" in worker_out
     assert re.search(r"trial \d+ dev", worker_err), worker_err[-3000:]  # it scored trials
 
     report = json.loads(subprocess.run(
@@ -230,7 +253,7 @@ def test_launch_and_a_worker_run_a_vllm_study_and_export_proves_its_hash(tmp_pat
     assert report["trials"]["complete"] >= 5 and report["trials"]["fail"] == 0
     evaluations = RecordStore.open(storage).evaluations("demo-vllm")
     scored = [e for e in evaluations if e.outcome == "complete"]
-    assert scored and all(e.engine == "vllm:cpu:float32" and e.items for e in scored)
+    assert scored and all(e.engine == ENGINE and e.items for e in scored)
     assert {e.items[0].output for e in scored if e.split == "dev"} - {""}
 
     done = subprocess.run([sys.executable, "-m", "search.cli", "export", "--storage", storage,
@@ -263,10 +286,7 @@ def test_a_trial_that_fails_inside_the_worker_is_failed_and_the_engine_goes_on(t
 def test_an_interrupted_launch_leaves_no_vllm_process(tmp_path, stop):
     launch = mergesearch("launch", str(study_spec(tmp_path, budget={"n_trials": 200})),
                          cwd=tmp_path)
-    deadline = time.monotonic() + 300
-    while not (tmp_path / "study.db").exists():  # created once the engine runs
-        assert launch.poll() is None and time.monotonic() < deadline, launch.stderr.read()
-        time.sleep(1)
+    wait_for_study(launch, tmp_path)
     time.sleep(5)  # trials are under way
     if stop == "ctrl-c":  # the terminal signals the whole foreground group
         os.killpg(launch.pid, signal.SIGINT)

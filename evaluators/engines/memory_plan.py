@@ -102,15 +102,16 @@ def plan_memory(total: int, footprint: ModelFootprint, parents_bytes: int, n_par
     `SpecError` that gives every figure and what to change. `whole_tensor_merges`: some
     method of the study merges whole tensors in float32 (elementwise ones work in chunks).
     `device` cpu: `total` is the free host memory, which vLLM's CPU backend, the parents held
-    in memory and the scratch share."""
+    in memory and the scratch share. With no parents (an engine that only evaluates) there
+    is no merge and no scratch."""
     tp = tensor_parallel_size
     model = footprint.weights // tp
     length = max_model_len or footprint.max_positions
     kv_min = footprint.kv_per_token * length // tp
     # The merged tensor and those the hash holds; a whole-tensor merge also holds float32
     # copies of the largest tensor (each parent's and its own temporaries).
-    scratch = footprint.largest * (1 + HASH_PENDING) * footprint.dtype_bytes
-    if whole_tensor_merges:
+    scratch = footprint.largest * (1 + HASH_PENDING) * footprint.dtype_bytes if n_parents else 0
+    if whole_tensor_merges and n_parents:
         scratch += footprint.largest * 4 * (n_parents + WHOLE_TENSOR_COPIES)
 
     if device == "cpu":

@@ -14,11 +14,14 @@ never when this module is imported: the rest of the project runs without it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import importlib.metadata as metadata
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -122,6 +125,32 @@ def continuation_score(prompt_logprobs: list, tokens: list[int], count: int
     return total, greedy
 
 
+@contextlib.contextmanager
+def ctrl_c_at_once():
+    """Ctrl-C at a terminal signals vLLM's own processes too, and they stop at once: a call
+    waiting on them would then wait forever for an answer (seen with `collective_rpc`), where
+    the study means to stop after the current chunk. So while a call into vLLM runs, Ctrl-C
+    interrupts it there and then."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def available_memory() -> int:
+    """Bytes the kernel can give without swapping (MemAvailable: free memory and the page
+    cache it can drop, such as the parents' files just read)."""
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 class VLLMEngine(PromptEncoder):
     def __init__(self, model_dir: Path | str, options: VLLMOptions,
                  parents: dict[str, Path] | None = None, placement: str = "auto",
@@ -168,7 +197,7 @@ class VLLMEngine(PromptEncoder):
     def _plan(self, parents: dict[str, Path], placement: str, whole_tensor_merges: bool
               ) -> MemoryPlan:
         if self.device == "cpu":
-            total = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            total = available_memory()
         else:
             # This starts CUDA here too (a context on the first GPU, which CONTEXT allows
             # for), and vLLM then spawns its workers rather than forking.
@@ -194,9 +223,12 @@ class VLLMEngine(PromptEncoder):
         worker before it returns) is skipped with `hash_weights=False`."""
         if self.parents is None:
             raise MergesearchError("this engine was started without parents to merge")
-        digests = self.llm.collective_rpc(
-            "mergesearch_load_recipe", args=(recipe.to_json(), self.options.dtype, hash_weights))
-        if self.llm.reset_prefix_cache() is False:
+        with ctrl_c_at_once():
+            digests = self.llm.collective_rpc(
+                "mergesearch_load_recipe",
+                args=(recipe.to_json(), self.options.dtype, hash_weights))
+            reset = self.llm.reset_prefix_cache()
+        if reset is False:
             raise MergesearchError("vLLM could not reset its prefix cache after the swap, so "
                                    "the next scores could read the last candidate's KV cache")
         return KnownHash(digests[0])
@@ -205,7 +237,8 @@ class VLLMEngine(PromptEncoder):
         prompts = [{"prompt_token_ids": self.encode(r)} for r in requests]
         params = [self._sampling(temperature=0.0, max_tokens=r.max_new_tokens,
                                  stop=list(r.stop) or None) for r in requests]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        with ctrl_c_at_once():
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
         texts = []
         for request, output in zip(requests, outputs, strict=True):
             text = cut_at_stop(output.outputs[0].text, request.stop)
@@ -219,14 +252,20 @@ class VLLMEngine(PromptEncoder):
         # is decoded (vLLM would otherwise decode every logprob token).
         params = self._sampling(temperature=0.0, max_tokens=1, prompt_logprobs=1,
                                 detokenize=False)
-        outputs = self.llm.generate([{"prompt_token_ids": tokens} for tokens, _ in encoded],
-                                    params, use_tqdm=False)
+        with ctrl_c_at_once():
+            outputs = self.llm.generate([{"prompt_token_ids": tokens} for tokens, _ in encoded],
+                                        params, use_tqdm=False)
         return [continuation_score(output.prompt_logprobs, tokens, count)
                 for (tokens, count), output in zip(encoded, outputs, strict=True)]
 
     def release_cache(self) -> None:
         """Give back what the workers' allocators cache (after a failed trial)."""
-        self.llm.collective_rpc("mergesearch_release_cache")
+        try:
+            with ctrl_c_at_once():
+                self.llm.collective_rpc("mergesearch_release_cache")
+        except Exception as e:  # the engine itself failed the trial: the next call says so
+            log.warning("could not release the vLLM workers' caches: %s: %s",
+                        type(e).__name__, e)
 
     def close(self) -> None:
         # vLLM has no public shutdown: collecting the client runs the finalizers that stop

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from evaluators.engines.memory_plan import HASH_PENDING
+from mergesearch.errors import MergesearchError
 from merging.materializer import Materializer, WeightsHash
 from merging.parents import Parents, load_tensors
 from merging.recipe import MergeRecipe
@@ -43,6 +44,7 @@ class MergeWorker:
     # Given by vLLM's worker, whose bases this class joins: device, rank, reload_weights().
     # No names of the worker's are defined here, not even as stubs: they would shadow its own.
     mergesearch_materializer: Materializer
+    mergesearch_torn: bool = False  # a swap failed halfway: the weights are no candidate
 
     def mergesearch_load_parents(self, folders: dict[str, str], placement: str) -> int:
         """Read the parents once; `placement` is `device` (this worker's GPU), `pinned`,
@@ -72,11 +74,18 @@ class MergeWorker:
 
     def mergesearch_reload(self, tensors) -> None:
         """Write checkpoint-named tensors into the live model; return once they are written
-        (not merely queued on the GPU)."""
+        (not merely queued on the GPU). A reload that fails after it began (out of memory
+        mid-merge, say) leaves some layers of each candidate, and vLLM's reload state half
+        set: every later swap is refused rather than scoring such a mix."""
+        if self.mergesearch_torn:
+            raise MergesearchError("an earlier swap failed halfway, so this vLLM engine holds "
+                                   "a mix of two candidates; restart the study's worker")
+        self.mergesearch_torn = True
         with torch.no_grad():
             self.reload_weights(weights_iterator=tensors, is_checkpoint_format=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        self.mergesearch_torn = False
 
     def mergesearch_release_cache(self) -> None:
         if self.device.type == "cuda":
