@@ -53,10 +53,10 @@ def engine_kind(spec: StudySpec) -> str:
     engine = spec.engine
     if engine.kind == "hf":
         return "hf"
-    why = vllm_missing()
-    if not why and engine.device not in ("auto", vllm_build()):
-        why = (f"engine.device is {engine.device} and the installed vLLM is its "
-               f"{vllm_build()} build (engine.device auto runs it there)",)
+    why, build = vllm_missing(), vllm_build()
+    if not why and engine.device not in ("auto", build):
+        why = (f"engine.device is {engine.device} and the installed vLLM is its {build} "
+               "build (engine.device auto runs it there)",)
     if engine.kind == "vllm":
         require_vllm(why)
         return "vllm"

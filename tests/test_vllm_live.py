@@ -231,6 +231,12 @@ def finish(process: subprocess.Popen, timeout: float = 600) -> tuple[int, str, s
     return process.returncode, out, err
 
 
+def study_report(storage: str) -> dict:
+    return json.loads(subprocess.run(
+        [sys.executable, "-m", "search.cli", "report", "--storage", storage, "--json"],
+        capture_output=True, text=True, check=True).stdout)
+
+
 def test_launch_and_a_worker_run_a_vllm_study_and_export_proves_its_hash(tmp_path):
     # Trials take about a second: both processes run them for a while, not to a count, so
     # that the worker, which starts its engine once launch has made the study, has its turn.
@@ -247,9 +253,7 @@ def test_launch_and_a_worker_run_a_vllm_study_and_export_proves_its_hash(tmp_pat
     assert f"scored by the {ENGINE} engine" in worker_out
     assert re.search(r"trial \d+ dev", worker_err), worker_err[-3000:]  # it scored trials
 
-    report = json.loads(subprocess.run(
-        [sys.executable, "-m", "search.cli", "report", "--storage", storage, "--json"],
-        capture_output=True, text=True, check=True).stdout)
+    report = study_report(storage)
     assert report["trials"]["complete"] >= 5 and report["trials"]["fail"] == 0
     evaluations = RecordStore.open(storage).evaluations("demo-vllm")
     scored = [e for e in evaluations if e.outcome == "complete"]
@@ -274,9 +278,7 @@ def test_a_trial_that_fails_inside_the_worker_is_failed_and_the_engine_goes_on(t
     code, _, err = finish(mergesearch("launch", str(spec), "--no-test", cwd=tmp_path))
     assert code == 0, err[-3000:]
     storage = f"sqlite:///{tmp_path / 'study.db'}"
-    report = json.loads(subprocess.run(
-        [sys.executable, "-m", "search.cli", "report", "--storage", storage, "--json"],
-        capture_output=True, text=True, check=True).stdout)
+    report = study_report(storage)
     assert report["trials"]["fail"] >= 1 and report["trials"]["complete"] == 6
     assert all("epsilon = 0.2 with density" in f["reason"]
                for f in report["failures"]["trials"])

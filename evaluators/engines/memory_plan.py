@@ -115,8 +115,22 @@ def plan_memory(total: int, footprint: ModelFootprint, parents_bytes: int, n_par
         scratch += footprint.largest * 4 * (n_parents + WHOLE_TENSOR_COPIES)
 
     if device == "cpu":
-        return _plan_host(total, model, parents_bytes, scratch, kv_min, length, placement,
-                          gpu_memory_utilization, kv_cache_memory_bytes)
+        chosen = _plan_host(total, model, parents_bytes, scratch, kv_min, placement,
+                            gpu_memory_utilization, kv_cache_memory_bytes)
+    else:
+        chosen = _plan_gpu(total, model, parents_bytes, scratch, kv_min, length, placement,
+                           gpu_memory_utilization, kv_cache_memory_bytes)
+    problems = _problems(chosen, length)
+    if problems:
+        raise SpecError("engine: the vLLM engine does not fit: " + "; ".join(problems))
+    return chosen
+
+
+def _plan_gpu(total: int, model: int, parents_bytes: int, scratch: int, kv_min: int,
+              length: int, placement: str, gpu_memory_utilization: float | None,
+              kv_cache_memory_bytes: int | None) -> MemoryPlan:
+    """A GPU's plan: vLLM's share as the user sized it, or what is left once the parents (on
+    the GPU where they leave a cache of at least MIN_KV, else pinned) and scratch fit."""
 
     def plan(where: str) -> MemoryPlan:
         on_gpu = parents_bytes if where == "device" else 0
@@ -140,17 +154,12 @@ def plan_memory(total: int, footprint: ModelFootprint, parents_bytes: int, n_par
         enough = MIN_KV if gpu_memory_utilization is None and kv_cache_memory_bytes is None \
             else 0
         fits = not _problems(on_device, length) and on_device.kv_cache >= enough
-        chosen = on_device if fits else plan("pinned")
-    else:
-        chosen = plan(placement)
-    problems = _problems(chosen, length)
-    if problems:
-        raise SpecError("engine: the vLLM engine does not fit: " + "; ".join(problems))
-    return chosen
+        return on_device if fits else plan("pinned")
+    return plan(placement)
 
 
 def _plan_host(total: int, model: int, parents_bytes: int, scratch: int, kv_min: int,
-               length: int, placement: str, gpu_memory_utilization: float | None,
+               placement: str, gpu_memory_utilization: float | None,
                kv_cache_memory_bytes: int | None) -> MemoryPlan:
     """The CPU backend's plan: the KV cache in bytes (CPU_KV, or less where memory is short or
     the model small, but one sequence at least), the parents in memory where they fit, else
@@ -169,12 +178,8 @@ def _plan_host(total: int, model: int, parents_bytes: int, scratch: int, kv_min:
     if kv is None:
         free = total - model - ACTIVATIONS - held - scratch - CONTEXT
         kv = max(kv_min, min(CPU_KV, free // 2, CPU_KV_SEQUENCES * kv_min))
-    plan = MemoryPlan(total, model, held, scratch, kv_min, model + ACTIVATIONS + kv,
+    return MemoryPlan(total, model, held, scratch, kv_min, model + ACTIVATIONS + kv,
                       placement, None, kv, device="cpu")
-    problems = _problems(plan, length)
-    if problems:
-        raise SpecError("engine: the vLLM engine does not fit: " + "; ".join(problems))
-    return plan
 
 
 def _problems(plan: MemoryPlan, length: int) -> list[str]:
